@@ -1,0 +1,7 @@
+# One-GPU memory reproduction: lora_r256 (LR is a starting point, not yet swept on a GPU; see README).
+# $ python train.py config/memory_gpu_lora_r256.py
+exec(open('config/_memory_gpu.py').read())
+out_dir = 'out/memory_gpu_lora_r256'
+mode = 'lora'
+learning_rate = 2e-4
+r = 256

@@ -1,0 +1,7 @@
+# MoRA (rope, r=8 -> r_hat ~ 256-304 per layer) on the CPU memory demo: the project's main command.
+# $ python train.py config/memory_mora.py
+exec(open('config/_memory_cpu.py').read())
+out_dir = 'out/memory_mora'
+mode = 'mora'
+mora_kind = 'rope'
+learning_rate = 3e-3  # MoRA has no alpha: its LR carries the scale (the paper sweeps it separately)
