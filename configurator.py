@@ -1,0 +1,60 @@
+"""nanoGPT-style config overrides, hardened. A script keeps its config as module-level globals, one comment each
+(`learning_rate = 3e-4  # peak lr`), and calls `config = configure(globals(), sys.argv[1:], __file__)`; then
+`python train.py config/memory_lora.py --learning_rate=1e-4` or `python train.py --help` (keys, defaults, comments).
+Unknown keys and wrong types exit 2 with a one-line message. Derived values (device, dtype) are the caller's, after."""
+import ast, difflib, io, os, sys, tokenize
+
+SIMPLE = (int, float, bool, str, type(None), tuple, list)
+
+def _fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+def _checked(key, value, defaults):  # value converted to the type of key's default, or exit 2 naming the key
+    if key not in defaults:
+        hint = difflib.get_close_matches(key, list(defaults), n=1) or [  # else an abbreviation: lr -> learning_rate
+            k for k in defaults if k.startswith(key) or "".join(w[:1] for w in k.split("_")) == key]
+        _fail(f"unknown config key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    want = type(defaults[key])
+    if defaults[key] is None or type(value) is want:  # None defaults take anything; bool is never an int here
+        return value
+    if (want is float and type(value) is int) or (want in (tuple, list) and type(value) in (tuple, list)):
+        return want(value)  # int -> float promotion; a list given for a tuple key (or back)
+    _fail(f"config key {key!r} expects {want.__name__}, got {type(value).__name__} {value!r}")
+
+def configure(globals_: dict, argv: list[str], source_file: str, keys: list[str] | None = None) -> dict:
+    """Apply config files and --key=value overrides from argv to globals_ (in place); return {key: value}.
+    Keys default to the names assigned at the top level of source_file whose current value is a simple type."""
+    src = open(source_file).read()
+    comments = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                if t.type == tokenize.COMMENT}
+    lines = {n.targets[0].id: n.end_lineno for n in ast.parse(src).body
+             if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
+    keys = keys or [k for k in lines if k in globals_ and not k.startswith("_") and isinstance(globals_[k], SIMPLE)]
+    defaults = {k: globals_[k] for k in keys}
+    if "--help" in argv or "-h" in argv:  # defaults as written in the source, before any override
+        print(f"usage: python {source_file} [config_file.py ...] [--key=value ...]\n")
+        for k, v in defaults.items():
+            print(f"  --{k}={v!r}" + (f"  # {comments[lines[k]]}" if lines.get(k) in comments else ""))
+        raise SystemExit(0)
+    config = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--"):  # a config file: exec'd over the current values, may only set known keys
+            if not os.path.isfile(arg):
+                _fail(f"config file {arg!r} not found (overrides are written --key=value)")
+            ns = dict(config)
+            exec(compile(open(arg).read(), arg, "exec"), ns)
+            config.update({k: _checked(k, v, defaults) for k, v in ns.items() if not k.startswith("_") and isinstance(v, SIMPLE)})
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if not eq:
+            _fail(f"expected --key=value, got {arg!r}")
+        try:  # python literals (3e-4, True, (1, 2), None); anything else is a plain string
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if isinstance(defaults.get(key), str) and not isinstance(value, str):
+            value = text  # --out_dir=2024 stays a string for a string key
+        config[key] = _checked(key, value, defaults)
+    globals_.update(config)
+    return config
