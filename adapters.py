@@ -1,0 +1,434 @@
+"""
+Adapters as pure tensor functions plus small modules that hang on `model.Linear.adapter`:
+LoRA, MoRA (seven compression/decompression kinds) and XGBLoRA's gated rank-1 boosters.
+Also: attach / settings / save / load / merge (in place and as a pure state-dict function) / ReMoRA kind switch.
+Layer notation as in SPEC: y = W x, W is d x k (d = out_features, k = in_features); every adapter is a branch
+Δh(x) = ΔW x, and mora_delta / lora_delta return that ΔW, so merging is exact.
+    python -m pytest -q tests/test_adapters.py        # tests;  python bench.py --what all  # merge + step timings
+"""
+import functools
+import hashlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import Linear
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("lora", "mora", "booster")
+SHARE_KINDS = ("share", "share_group", "share_group_tile", "share_fold_group")
+KINDS = SHARE_KINDS + ("rope", "decouple", "truncate")
+MORA_TYPES = {1: "share", 2: "share_group", 3: "share_group_tile", 4: "share_fold_group", 6: "rope"}  # reference ids
+CYCLES = {"paper": ("share", "share_group"), "reference": SHARE_KINDS}  # ReMoRA kind order per restart
+
+# -----------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale) -> torch.Tensor:
+    """LoRA (Hu et al. Eq. 3): Δh = scale · B (A x); A (r, k), B (d, r), scale = alpha / r. Params r(k + d).
+    Init A Kaiming-uniform(a=√5), B = 0. scale may be a 0-dim tensor (the booster gate rides on it)."""
+    return F.linear(F.linear(x, A) * scale, B)  # scaling the r-wide middle is the cheapest place
+
+
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scale) -> torch.Tensor:
+    """ΔW = scale · B A, shape (d, k)."""
+    return (B @ A) * scale
+
+# -----------------------------------------------------------------------------------------------------------
+# MoRA: Δh = f_decomp(M · f_comp(x)), M (r_hat, r_hat) = 0 at init, no alpha (scale 1). Params r_hat².
+#   kind              compression  decompression  paper
+#   share             C_fold       D_tile         Eq. 6 (large r); ReMoRA kind A
+#   share_group       C_group      D_group        ReMoRA kind B
+#   share_group_tile  C_group      D_tile         ReMoRA 4-cycle (reference code)
+#   share_fold_group  C_fold       D_group        ReMoRA 4-cycle (reference code)
+#   rope              C_rope       D_rope         Eq. 9 (small r): chunk i rotated by angles i·θ_m
+#   decouple          C_rope w/o rotation, D_rope Eq. 8 (ablation)
+#   truncate          x[:r_hat]    [z; 0]         Eq. 4 (ablation): ΔW = [[M, 0], [0, 0]] cut to (d, k)
+# Edge cases, defined here (the reference crashes): wrap padding is cyclic, padded slot i reads x[i mod k], so
+# k < r_hat/2 wraps x several times (= the reference's merge); rope with k <= r_hat is a single unrotated chunk.
+
+
+def mora_rank(in_features: int, out_features: int, r: int, kind: str, rounding: str = "half_up") -> int:
+    """r_hat = int(√((d+k)·r) + 0.5) as the reference code ('floor' = the paper's ⌊√((d+k)·r)⌋); rope: down to even."""
+    if rounding not in ("half_up", "floor"):
+        raise ValueError(f"rounding must be 'half_up' or 'floor', got {rounding!r}")
+    n = (in_features + out_features) * r
+    r_hat = int(math.sqrt(n) + 0.5) if rounding == "half_up" else math.isqrt(n)
+    if kind == "rope":
+        r_hat -= r_hat % 2
+    _check(r_hat, in_features, out_features, kind)
+    return r_hat
+
+
+def default_kind(r: int) -> str:
+    """The paper's choice: rotation at small r (8), sharing at large r (256)."""
+    return "rope" if r <= 32 else "share"
+
+
+def _check(r_hat, k, d, kind):
+    if kind not in KINDS:
+        raise ValueError(f"unknown MoRA kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    if k < 1 or d < 1 or r_hat < 1 or (kind == "rope" and r_hat % 2):
+        raise ValueError(f"MoRA kind {kind!r} cannot serve in={k}, out={d} with r_hat={r_hat}"
+                         + (" (rope pairs coordinates: r_hat must be even and >= 2)" if kind == "rope" else ""))
+    return r_hat
+
+
+def _wrap(x, L):
+    """Cyclic padding/cut of the last dim to length L: out[..., i] = x[..., i mod k]."""
+    k = x.shape[-1]
+    if L <= k:
+        return x[..., :L]
+    if L <= 2 * k:
+        return torch.cat([x, x[..., :L - k]], dim=-1)
+    reps = -(-L // k)  # only when k < r_hat / 2
+    return x.unsqueeze(-2).expand(*x.shape[:-1], reps, k).flatten(-2)[..., :L]
+
+
+def _groups(n, r_hat, device):
+    """Index of the contiguous group of each of n positions: n mod r_hat groups of s+1 first, then groups of s."""
+    s, m = divmod(n, r_hat)
+    j, big = torch.arange(n, device=device), m * (s + 1)
+    return torch.where(j < big, j // (s + 1), m + (j - big) // max(s, 1))
+
+
+def _fold(x, r_hat):
+    """C_fold: wrap-pad to n·r_hat, sum the n chunks -> (..., r_hat)."""
+    n = -(-x.shape[-1] // r_hat)
+    x = _wrap(x, n * r_hat)
+    return x if n == 1 else x.unflatten(-1, (n, r_hat)).sum(-2)
+
+
+def _group_sum(x, r_hat):
+    """C_group: slot a = sum of contiguous group a (k < r_hat: slots past k get 0)."""
+    s, m = divmod(x.shape[-1], r_hat)
+    big = m * (s + 1)
+    rest = x[..., big:].unflatten(-1, (r_hat - m, s)).sum(-1)
+    return rest if m == 0 else torch.cat([x[..., :big].unflatten(-1, (m, s + 1)).sum(-1), rest], dim=-1)
+
+
+def _tile(z, d):
+    """D_tile (and D_rope's period): out[..., t] = z[..., t mod len(z)]."""
+    return _wrap(z, d)
+
+
+def _group_expand(z, d):
+    """D_group: repeat-interleave, the first d mod r_hat entries s+1 times, the rest s times (s = d // r_hat)."""
+    r_hat = z.shape[-1]
+    s, m = divmod(d, r_hat)
+    rest = z[..., m:, None].expand(*z.shape[:-1], r_hat - m, s).flatten(-2)
+    if m == 0:
+        return rest
+    return torch.cat([z[..., :m, None].expand(*z.shape[:-1], m, s + 1).flatten(-2), rest], dim=-1)
+
+
+def _build_rope_tables(r_hat, n, device, dtype):
+    """cos, sin (n, r_hat): row i holds angles i·θ_m, θ_m = 10000^(-2m/r_hat), repeated over both halves."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, r_hat, 2, dtype=torch.float64, device=device) / r_hat)
+    ang = torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv_freq  # float64, then cast
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_rope_tables(r_hat, n, device, dtype):
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable later under autograd
+        return _build_rope_tables(r_hat, n, device, dtype)
+
+
+def _rope_tables(r_hat, n, device, dtype):
+    # eager: one build per (r_hat, n, device, dtype); compiled: traced from shapes (no cache, no graph break)
+    if torch.compiler.is_compiling():
+        return _build_rope_tables(r_hat, n, device, dtype)
+    return _cached_rope_tables(r_hat, n, torch.device(device), dtype)
+
+
+def _rope_forward(x, M, d, rotate):
+    r_hat = M.shape[0]
+    n = -(-x.shape[-1] // r_hat)
+    nb = min(n, -(-d // r_hat))  # only chunks whose outputs survive the cut at d are computed
+    xc = _wrap(x, nb * r_hat).unflatten(-1, (nb, r_hat))  # (..., nb, r_hat)
+    if rotate and nb > 1:
+        cos, sin = _rope_tables(r_hat, nb, x.device, x.dtype)
+        x1, x2 = xc.chunk(2, dim=-1)
+        xc = xc * cos + torch.cat([-x2, x1], dim=-1) * sin  # rotate-half pairing (m, m + r_hat/2)
+    return _tile(F.linear(xc, M).flatten(-2), d)  # one matmul over all chunks; tile with period n·r_hat
+
+
+def mora_forward(x: torch.Tensor, M: torch.Tensor, out_features: int, kind: str) -> torch.Tensor:
+    """MoRA branch Δh for x (..., k) -> (..., d) without building ΔW (kinds: see the table above)."""
+    k, d = x.shape[-1], out_features
+    r_hat = _check(M.shape[0], k, d, kind)
+    if kind in ("rope", "decouple"):
+        return _rope_forward(x, M, d, rotate=kind == "rope")
+    if kind == "truncate":
+        k2, d2 = min(k, r_hat), min(d, r_hat)
+        y = F.linear(x[..., :k2], M[:d2, :k2])
+        return F.pad(y, (0, d - d2)) if d > d2 else y
+    z = _fold(x, r_hat) if kind in ("share", "share_fold_group") else _group_sum(x, r_hat)
+    z = F.linear(z, M)
+    return _tile(z, d) if kind in ("share", "share_group_tile") else _group_expand(z, d)
+
+
+def mora_delta(M: torch.Tensor, in_features: int, out_features: int, kind: str) -> torch.Tensor:
+    """ΔW (d, k) in closed form (SPEC 2.4): compress M's columns to (r_hat, k), then gather one row per output;
+    rope/decouple: scatter the diagonal blocks B_b = M·R_b. Always equals mora_forward(I_k)ᵀ."""
+    k, d = in_features, out_features
+    r_hat = _check(M.shape[0], k, d, kind)
+    dev = M.device
+    if kind == "truncate":
+        W = M.new_zeros(d, k)
+        W[:r_hat, :r_hat] = M[:d, :k]
+        return W
+    if kind in ("rope", "decouple"):
+        n = -(-k // r_hat)
+        L, nb = n * r_hat, min(n, -(-d // r_hat))
+        Bs = M.expand(nb, r_hat, r_hat)
+        if kind == "rope" and nb > 1:
+            cos, sin = _rope_tables(r_hat, nb, dev, M.dtype)
+            h = r_hat // 2
+            Mbar = torch.cat([M[:, h:], -M[:, :h]], dim=1)
+            Bs = M * cos[:, None, :] + Mbar * sin[:, None, :]  # (nb, r_hat, r_hat): M·R_b, column-wise rotation
+        R = min(d, L)
+        rows = torch.arange(R, device=dev)
+        cols = ((rows // r_hat * r_hat)[:, None] + torch.arange(r_hat, device=dev)) % k  # wrap padding -> mod k
+        W = M.new_zeros(R, k).index_put_((rows[:, None], cols), Bs.reshape(nb * r_hat, r_hat)[:R], accumulate=True)
+        return W if d <= L else W.index_select(0, torch.arange(d, device=dev) % L)
+    if kind in ("share", "share_fold_group"):
+        n = -(-k // r_hat)  # padded slot i (of n·r_hat) reads column i mod k and feeds M's column i mod r_hat
+        MS = M.new_zeros(r_hat, k).index_add_(1, torch.arange(n * r_hat, device=dev) % k, M.repeat(1, n))
+    else:
+        MS = M.index_select(1, _groups(k, r_hat, dev))
+    rows = torch.arange(d, device=dev) % r_hat if kind in ("share", "share_group_tile") else _groups(d, r_hat, dev)
+    return MS.index_select(0, rows)
+
+# -----------------------------------------------------------------------------------------------------------
+# modules on model.Linear.adapter
+
+
+def _delta(s: dict, t: dict, dtype) -> torch.Tensor:
+    """ΔW of one layer from its settings and tensors (shared by module.delta, merge_ and merge_state_dict)."""
+    if s["method"] == "mora":
+        return mora_delta(t["M"].to(dtype), s["in_features"], s["out_features"], s["kind"])
+    scale = s["scale"] * t["gate"].to(dtype) if "gate" in t else s["scale"]  # a booster's ΔW includes its gate
+    return lora_delta(t["A"].to(dtype), t["B"].to(dtype), scale)
+
+
+class LoRA(nn.Module):
+    """Δh = scale · B A dropout(x) [· gate]. A (r, k) Kaiming-uniform(a=√5), B (d, r) = 0; r(k+d) params.
+    gated=True is an XGBLoRA booster (r = 1, scale = s): `gate` is a persistent 0-dim 0/1 buffer (saved with the
+    adapter so resume and merge see the same gates), 0 at attach; gate 0 gives exactly zero output and grads."""
+
+    def __init__(self, in_features, out_features, r, scale, dropout=0.0, gated=False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.r, self.scale = in_features, out_features, r, float(scale)
+        self.A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_buffer("gate", torch.zeros((), device=device, dtype=dtype) if gated else None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+
+    def forward(self, x):
+        scale = self.scale if self.gate is None else self.scale * self.gate
+        return lora_forward(self.dropout(x), self.A, self.B, scale)
+
+    def settings(self):
+        return dict(method="lora" if self.gate is None else "booster", r=self.r, r_hat=None, kind=None,
+                    scale=self.scale, in_features=self.in_features, out_features=self.out_features)
+
+    def delta(self, dtype=None):
+        return _delta(self.settings(), self.state_dict(), dtype or torch.promote_types(self.A.dtype, torch.float32))
+
+
+class MoRA(nn.Module):
+    """Δh = f_decomp(M · f_comp(dropout(x))) (kinds in the table above); M (r_hat, r_hat) = 0, r_hat² params.
+    r is only the LoRA-equivalent rank r_hat came from. The branch runs in M's dtype, the output in x's."""
+
+    def __init__(self, in_features, out_features, r_hat, kind, r=None, dropout=0.0, device=None, dtype=None):
+        super().__init__()
+        _check(r_hat, in_features, out_features, kind)
+        self.in_features, self.out_features, self.r, self.r_hat, self.kind = in_features, out_features, r, r_hat, kind
+        self.M = nn.Parameter(torch.zeros(r_hat, r_hat, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.zeros_(self.M)
+
+    def forward(self, x):
+        return mora_forward(self.dropout(x).to(self.M.dtype), self.M, self.out_features, self.kind).to(x.dtype)
+
+    def settings(self):
+        return dict(method="mora", r=self.r, r_hat=self.r_hat, kind=self.kind, scale=1.0,
+                    in_features=self.in_features, out_features=self.out_features)
+
+    def delta(self, dtype=None):
+        return _delta(self.settings(), self.state_dict(), dtype or torch.promote_types(self.M.dtype, torch.float32))
+
+
+def _adapted(model):
+    """(name, Linear) for every adapted layer, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Linear) and m.adapter is not None]
+
+
+def _attach_one(lin, s, dropout):
+    if (s["in_features"], s["out_features"]) != (lin.in_features, lin.out_features):
+        raise ValueError(f"adapter settings {s} do not fit a {lin.in_features}->{lin.out_features} layer")
+    kw = dict(dropout=dropout, device=lin.weight.device, dtype=lin.weight.dtype)
+    if s["method"] == "mora":
+        lin.adapter = MoRA(s["in_features"], s["out_features"], s["r_hat"], s["kind"], r=s["r"], **kw)
+    else:
+        lin.adapter = LoRA(s["in_features"], s["out_features"], s["r"], s["scale"], gated=s["method"] == "booster", **kw)
+    return list(lin.adapter.parameters())
+
+
+def attach(model, method, targets=TARGETS, r=8, alpha=16.0, kind=None, dropout=0.0) -> list:
+    """Freeze every parameter, then put a fresh adapter on each model.Linear whose last name component is in
+    targets (an existing adapter is replaced). lora: scale alpha/r; mora: r_hat from each layer's own shape, kind
+    default_kind(r), scale 1, alpha unused; booster: r = 1 (r ignored), scale = alpha, gate 0.
+    Returns the adapter parameters (trainable) in module order."""
+    if method not in METHODS:
+        raise ValueError(f"unknown adapter method {method!r}; valid: {', '.join(METHODS)}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
+    valid = sorted({n.rsplit(".", 1)[-1] for n, _ in layers})
+    unknown = sorted(set(targets) - set(valid))
+    if unknown or not targets:
+        raise ValueError(f"target(s) {unknown or list(targets)} match no adaptable layer; valid names: {valid}")
+    kind = kind or default_kind(r)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for name, lin in layers:
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        k, d = lin.in_features, lin.out_features
+        s = dict(method=method, r=r, r_hat=None, kind=None, scale=alpha / r, in_features=k, out_features=d)
+        if method == "mora":
+            s.update(r_hat=mora_rank(k, d, r, kind), kind=kind, scale=1.0)
+        elif method == "booster":
+            s.update(r=1, scale=float(alpha))
+        params += _attach_one(lin, s, dropout)
+    return params
+
+
+def settings(model) -> dict:
+    """{layer name: dict(method, r, r_hat, kind, scale, in_features, out_features)} in plain python types."""
+    return {name: lin.adapter.settings() for name, lin in _adapted(model)}
+
+
+def adapter_state_dict(model) -> dict:
+    """Only the adapter tensors (booster gates included), keys as in model.state_dict()."""
+    return {f"{name}.adapter.{k}": v for name, lin in _adapted(model) for k, v in lin.adapter.state_dict().items()}
+
+
+def load_adapters(model, settings, state_dict, dropout=0.0) -> list:
+    """Freeze everything, attach exactly per saved per-layer settings (r_hat, kind never recomputed), load strictly.
+    Returns the adapter parameters like attach."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules, params = dict(model.named_modules()), []
+    for name, s in settings.items():
+        if not isinstance(modules.get(name), Linear):
+            raise ValueError(f"saved adapter layer {name!r} is not a model.Linear of this model")
+        params += _attach_one(modules[name], s, dropout)
+    expected = adapter_state_dict(model)
+    if set(expected) != set(state_dict):
+        raise ValueError(f"adapter state dict mismatch: missing {sorted(set(expected) - set(state_dict))}, "
+                         f"unexpected {sorted(set(state_dict) - set(expected))}")
+    for name in settings:
+        pre = name + ".adapter."
+        modules[name].adapter.load_state_dict({k[len(pre):]: v for k, v in state_dict.items() if k.startswith(pre)})
+    return params
+
+
+def reinit_(model):
+    """Re-initialise every adapter in place (same Parameter objects): LoRA A Kaiming, B = 0; MoRA M = 0."""
+    for _, lin in _adapted(model):
+        lin.adapter.reset_parameters()
+
+
+def next_kind(kind: str, cycle: str = "paper") -> str:
+    """ReMoRA: the kind after a restart. 'paper': share <-> share_group; 'reference': the 4-cycle of share kinds."""
+    order = CYCLES[cycle]
+    if kind not in order:
+        raise ValueError(f"kind {kind!r} is not in the ReMoRA {cycle!r} cycle {order}")
+    return order[(order.index(kind) + 1) % len(order)]
+
+
+def switch_kind_(model, kind: str):
+    """Set the kind of every MoRA adapter in place (ReMoRA), keeping M and r_hat. Only between share kinds: they
+    use the same r_hat rule and any r_hat; rope/decouple/truncate are not defined for ReMoRA and are refused."""
+    moras = [lin.adapter for _, lin in _adapted(model) if isinstance(lin.adapter, MoRA)]
+    if not moras:
+        raise ValueError("switch_kind_: the model has no MoRA adapters")
+    for m in moras:
+        if kind not in SHARE_KINDS or m.kind not in SHARE_KINDS:
+            raise ValueError(f"switch_kind_ only switches between {SHARE_KINDS}, not {m.kind!r} -> {kind!r}")
+    for m in moras:
+        m.kind = kind
+
+
+@torch.no_grad()
+def set_gates_(model, layer_ids):
+    """XGBLoRA: gate = 1 on the boosters of blocks layers.{i} for i in layer_ids, 0 elsewhere (in place)."""
+    layer_ids = set(layer_ids)
+    if not layer_ids <= set(range(len(model.layers))):
+        raise ValueError(f"layer ids {sorted(layer_ids)} out of range for {len(model.layers)} layers")
+    gates = [(i, m.gate) for i, block in enumerate(model.layers)
+             for m in block.modules() if isinstance(m, LoRA) and m.gate is not None]
+    if not gates:
+        raise ValueError("set_gates_: the model has no boosters (attach(model, 'booster'))")
+    for i, gate in gates:
+        gate.fill_(1.0 if i in layer_ids else 0.0)
+
+
+@torch.no_grad()
+def merge_(model, alpha: float = 1.0):
+    """W += alpha·ΔW for every adapted layer, computed and added in fp32 (fp64 for fp64 weights), cast once.
+    Adapters stay attached and unchanged (call reinit_ to restart)."""
+    for _, lin in _adapted(model):
+        W = lin.weight
+        dt = torch.promote_types(W.dtype, torch.float32)
+        W.copy_(torch.add(W.to(dt), lin.adapter.delta(dt), alpha=alpha))
+
+
+def merge_state_dict(base_sd: dict, settings: dict, adapter_sd: dict, alpha: float = 1.0) -> dict:
+    """Pure merge: a new base state dict with W + alpha·ΔW for every layer in settings (same ΔW code as merge_);
+    adapter keys, if base_sd has any, are dropped, so the result loads strict into the plain model."""
+    out = dict(base_sd)
+    for name, s in settings.items():
+        pre = name + ".adapter."
+        t = {k[len(pre):]: v for k, v in adapter_sd.items() if k.startswith(pre)}
+        W = base_sd[name + ".weight"]
+        dt = torch.promote_types(W.dtype, torch.float32)
+        out[name + ".weight"] = torch.add(W.to(dt), _delta(s, t, dt).to(W.device), alpha=alpha).to(W.dtype)
+        for key in [k for k in out if k.startswith(pre)]:
+            del out[key]
+    return out
+
+
+def base_fingerprint(state_dict: dict) -> str:
+    """sha256 over sorted names, shapes, dtypes and all bytes of the base tensors (keys with an '.adapter.'
+    component skipped). Full hash, no subsampling: sha256 runs ~1.7 GB/s here, so 135M fp32 params take ~0.4 s."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        if ".adapter." in name:
+            continue
+        t = state_dict[name].detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def count_params(model) -> tuple:
+    """(trainable, total) parameter counts (shared tensors counted once)."""
+    ps = list(model.parameters())
+    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
