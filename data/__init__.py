@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import warnings
 
 import numpy as np
@@ -21,6 +22,12 @@ CHUNK = 1 << 20  # tokens buffered per write
 
 def dtype_for(vocab_size: int):
     return np.uint16 if vocab_size < 65536 else np.uint32
+
+
+def short_name(tokenizer_spec: str) -> str:
+    """For dataset dir names: 'byte' -> byte, 'tiktoken:gpt2' -> gpt2, 'data/smollm2/SmolLM2-135M-Instruct' -> smollm2."""
+    name = os.path.basename(os.path.normpath(tokenizer_spec)).split(":")[-1].split("-")[0].lower()
+    return re.sub(r"[^a-z0-9_.]", "_", name) or "tok"
 
 
 def _replace_atomically(tmp, path):
@@ -212,7 +219,8 @@ class Dataset:
 
     def get_batch(self, split, batch_size, block_size, seed, it, micro=0, grad_accum=1, rank=0, world=1):
         """(x, y) int64 (batch_size, block_size) CPU tensors, a pure function of the arguments.
-        stream: random windows from a generator seeded by (seed, split, it, micro, rank); y is x shifted by one.
+        stream: random windows from a generator seeded by (seed, split, g) with g = (it * grad_accum + micro) * world
+        + rank, the global micro-batch index, so a global batch does not depend on how it is split over processes.
         examples: sample number p = ((it * grad_accum + micro) * world + rank) * batch_size + j (j < batch_size) is
         example perm_e[p % n] with e = p // n and perm_e a permutation seeded by (seed, split, e): every example is
         seen exactly once per epoch across iterations, micro-steps and ranks (keep batch_size, grad_accum and world
@@ -221,7 +229,8 @@ class Dataset:
             data = self.data[split]
             if len(data) <= block_size:
                 raise ValueError(f"{self.path} {split}: {len(data)} tokens, need more than block_size = {block_size}")
-            ix = torch.randint(len(data) - block_size, (batch_size,), generator=_generator(seed, split, it, micro, rank))
+            g = (it * grad_accum + micro) * world + rank
+            ix = torch.randint(len(data) - block_size, (batch_size,), generator=_generator(seed, split, g))
             xy = torch.from_numpy(np.stack([data[i:i + block_size + 1].astype(np.int64) for i in ix.tolist()]))
             return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
         self._warn_truncation(split, block_size)

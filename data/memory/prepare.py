@@ -7,12 +7,12 @@ The val split holds the same pairs: the task measures memorisation of the traini
 on them in eval order. pairs.json ([{key, value, prompt}], prompt = token ids of `key:` incl. BOS) feeds eval.py's
 greedy-decode character accuracy, so eval prompts with exactly the tokens that training saw. Same args -> same bytes.
 """
-import argparse, json, os, random, re, sys, uuid
+import argparse, json, os, random, sys, uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)  # run as a script from anywhere: `data` and `tokenizer` live at the repo root
-from data import write_dataset  # noqa: E402
+from data import short_name, write_dataset  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -21,12 +21,6 @@ def make_pairs(n_pairs: int, seed: int) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     uid = lambda: str(uuid.UUID(int=rng.getrandbits(128), version=4))  # noqa: E731
     return [(uid(), uid()) for _ in range(n_pairs)]
-
-
-def short_name(spec: str) -> str:
-    """'byte' -> byte, 'tiktoken:gpt2' -> gpt2, 'data/smollm2/SmolLM2-135M-Instruct' -> smollm2."""
-    name = os.path.basename(os.path.normpath(spec)).split(":")[-1].split("-")[0].lower()
-    return re.sub(r"[^a-z0-9_.]", "_", name) or "tok"
 
 
 def main():
