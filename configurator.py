@@ -1,6 +1,5 @@
-"""nanoGPT-style config overrides, hardened. A script keeps its config as module-level globals, one comment each
-(`learning_rate = 3e-4  # peak lr`), and calls `config = configure(globals(), sys.argv[1:], __file__)`; then
-`python train.py config/memory_lora.py --learning_rate=1e-4` or `python train.py --help` (keys, defaults, comments).
+"""nanoGPT-style config overrides, hardened: a script's module-level globals (`lr = 3e-4  # peak lr`) are overridden by
+`configure(globals(), sys.argv[1:], __file__)`: `python train.py config/x.py --lr=1e-4`; `--help` lists keys + comments.
 Unknown keys and wrong types exit 2 with a one-line message. Derived values (device, dtype) are the caller's, after."""
 import ast, difflib, io, os, sys, tokenize
 
@@ -12,8 +11,8 @@ def _fail(msg):
 
 def _checked(key, value, defaults):  # value converted to the type of key's default, or exit 2 naming the key
     if key not in defaults:
-        hint = difflib.get_close_matches(key, list(defaults), n=1) or [  # else an abbreviation: lr -> learning_rate
-            k for k in defaults if k.startswith(key) or "".join(w[:1] for w in k.split("_")) == key]
+        hint = ([k for k in defaults if "".join(w[:1] for w in k.split("_")) == key]  # lr -> learning_rate
+                or difflib.get_close_matches(key, list(defaults), n=1) or [k for k in defaults if k.startswith(key)])
         _fail(f"unknown config key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     want = type(defaults[key])
     if defaults[key] is None or type(value) is want:  # None defaults take anything; bool is never an int here
@@ -23,17 +22,18 @@ def _checked(key, value, defaults):  # value converted to the type of key's defa
     _fail(f"config key {key!r} expects {want.__name__}, got {type(value).__name__} {value!r}")
 
 def configure(globals_: dict, argv: list[str], source_file: str, keys: list[str] | None = None) -> dict:
-    """Apply config files and --key=value overrides from argv to globals_ (in place); return {key: value}.
-    Keys default to the names assigned at the top level of source_file whose current value is a simple type."""
+    """Apply config files and --key=value overrides from argv to globals_ (in place); return {key: value}. Keys default
+    to simple-typed lower-case names assigned at source_file's top level (or under `if __name__ == '__main__':`)."""
     src = open(source_file).read()
     comments = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
                 if t.type == tokenize.COMMENT}
-    lines = {n.targets[0].id: n.end_lineno for n in ast.parse(src).body
-             if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
-    keys = keys or [k for k in lines if k in globals_ and not k.startswith("_") and isinstance(globals_[k], SIMPLE)]
+    body = [n for top in ast.parse(src).body for n in (top.body if isinstance(top, ast.If) else [top])]  # + __main__
+    lines = {n.targets[0].id: n.end_lineno for n in body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
+    keys = keys or [k for k in lines if k in globals_ and not k.startswith("_") and not k.isupper()  # UPPER = constant
+                    and isinstance(globals_[k], SIMPLE)]
     defaults = {k: globals_[k] for k in keys}
     if "--help" in argv or "-h" in argv:  # defaults as written in the source, before any override
-        print(f"usage: python {source_file} [config_file.py ...] [--key=value ...]\n")
+        print(f"usage: python {os.path.relpath(source_file)} [config_file.py ...] [--key=value ...]\n")
         for k, v in defaults.items():
             print(f"  --{k}={v!r}" + (f"  # {comments[lines[k]]}" if lines.get(k) in comments else ""))
         raise SystemExit(0)

@@ -17,6 +17,7 @@ out_dir = 'out'  # where checkpoints go
 init_from = None  # optional checkpoint to start from
 betas = (0.9, 0.95)  # adamw betas
 _private = 1
+MAX_LEN = 36  # a constant, not a config key
 config = configure(globals(), sys.argv[1:], __file__)
 assert config['batch_size'] == batch_size  # the globals are updated in place
 print(repr(config))
@@ -90,4 +91,15 @@ def test_help(run):
                          ("compile", "torch.compile the model"), ("init_from", "optional checkpoint to start from")]:
         line = next(l for l in out.splitlines() if l.strip().startswith(f"--{key}="))
         assert comment in line and repr(DEFAULTS[key]) in line, line
-    assert "_private" not in out
+    assert "_private" not in out and "MAX_LEN" not in out
+
+
+def test_keys_under_main_guard(tmp_path):
+    script = tmp_path / "eval_stub.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nUUID_LEN = 36\nif __name__ == '__main__':\n"
+                      "    from configurator import configure\n    split = 'val'  # which split\n    eval_iters = 50  # batches\n"
+                      "    print(repr(configure(globals(), sys.argv[1:], __file__)))\n")
+    p = subprocess.run([sys.executable, str(script), "--eval_iters=5"], capture_output=True, text=True)
+    assert p.returncode == 0 and ast.literal_eval(p.stdout) == {"split": "val", "eval_iters": 5}, p.stderr
+    p = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert "--split='val'  # which split" in p.stdout and "UUID_LEN" not in p.stdout
