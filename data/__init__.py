@@ -196,7 +196,7 @@ class Dataset:
             n_long = int((np.diff(self.idx[split]) > block_size + 1).sum())
             if n_long:
                 warnings.warn(f"{self.path} {split}: {n_long} of {self.n_examples(split)} examples are longer than "
-                              f"block_size + 1 = {block_size + 1} tokens and will be truncated")
+                              f"block_size + 1 = {block_size + 1} tokens and will be truncated", stacklevel=3)
 
     def _example_xy(self, split, i, block_size):
         """x = tokens[:-1], y = tokens[1:] with masked targets -100; truncated to block_size, right-padded."""

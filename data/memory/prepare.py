@@ -38,7 +38,8 @@ def main():
     if os.path.isfile(meta_path) and not args.force:
         with open(meta_path) as f:
             old = json.load(f)
-        if all(old.get(k) == v for k, v in task.items()):
+        files = ["pairs.json"] + [f"{s}{ext}" for s in ("train", "val") for ext in (".bin", ".idx.bin")]
+        if all(old.get(k) == v for k, v in task.items()) and all(os.path.isfile(os.path.join(out_dir, f)) for f in files):
             print(f"already prepared: {rel} (--force to redo)")
             return
     tok = load_tokenizer(args.tokenizer)
