@@ -1,0 +1,343 @@
+"""
+A LLaMA-family decoder in one file (LLaMA 1/2/3, SmolLM2, Mistral without sliding window), nanoGPT style:
+RMSNorm, SwiGLU MLP, rotate-half RoPE (+ llama3 scaling), grouped-query attention, optional tied embeddings,
+a KV-cache generate, and HF checkpoint load/save (config.json + safetensors, HF key names).
+Module names follow HF with the `model.` prefix removed. Every projection is a `Linear`, the adapter hook.
+    python -c "from model import LLaMA; m = LLaMA.from_pretrained('data/smollm2/SmolLM2-135M'); print(m.num_params())"
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    block_size: int = 2048          # max sequence length (RoPE tables length)
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 12             # GQA when < n_head
+    n_embd: int = 768
+    intermediate_size: int = 2048   # SwiGLU hidden size
+    head_dim: int | None = None     # None -> n_embd // n_head
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None or HF llama3-style dict
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None  # HF lists of eos ids keep only the first
+
+
+class Linear(nn.Linear):
+    """bias-free nn.Linear with one optional adapter branch (attached by adapters.attach)."""
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+        self.adapter = None          # an nn.Module: x (..., in) -> Δh (..., out), or None
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        return y if self.adapter is None else y + self.adapter(x)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back (as HF LlamaRMSNorm)."""
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(config: ModelConfig):
+    """cos, sin tables (block_size, hd) in fp32; inverse frequencies as HF, incl. the llama3 rescaling."""
+    hd = config.head_dim or config.n_embd // config.n_head
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd)
+    rs = config.rope_scaling
+    if rs is not None:
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind != "llama3":
+            raise ValueError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
+        # llama3: long wavelengths are divided by factor, short ones kept, the band between interpolated
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_len = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / hi) * ~(wavelen > old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    freqs = torch.outer(torch.arange(config.block_size).float(), inv_freq)  # (block_size, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: pairs are (m, m + hd/2)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, nh, T, hd); cos/sin: (T, hd). HF's rotate_half convention."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv = config.n_head, config.n_kv_head
+        self.hd = config.head_dim or config.n_embd // config.n_head
+        assert self.nh % self.nkv == 0, "n_head must be a multiple of n_kv_head"
+        self.q_proj = Linear(config.n_embd, self.nh * self.hd)
+        self.k_proj = Linear(config.n_embd, self.nkv * self.hd)
+        self.v_proj = Linear(config.n_embd, self.nkv * self.hd)
+        self.o_proj = Linear(self.nh * self.hd, config.n_embd)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # write this chunk into the preallocated (B, nkv, T_max, hd) buffers, attend over everything so far
+            assert pos == 0 or T == 1, "the cache takes a prefill at pos 0, then one token at a time"
+            ck, cv = cache
+            ck[:, :, pos:pos + T] = k
+            cv[:, :, pos:pos + T] = v
+            k, v = ck[:, :, :pos + T], cv[:, :, :pos + T]
+        if self.nkv != self.nh:
+            # GQA: each kv head serves nh / nkv consecutive query heads
+            k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, T', hd)
+            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)         # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = Linear(config.n_embd, config.intermediate_size)
+        self.up_proj = Linear(config.n_embd, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.n_embd)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        # a plain bias-free nn.Linear, not the adapter hook: the head is never adapted
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(config)  # built once here; not in the state dict
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, scaled_residual: bool = False):
+        """
+        The whole init, in one place (std 0.02 = HF `initializer_range`):
+          embed_tokens, lm_head, q/k/v/gate/up proj   normal(0, 0.02)   (a tied lm_head shares embed_tokens)
+          o_proj, down_proj                          normal(0, 0.02), or 0.02/sqrt(2*n_layer) if scaled_residual
+                                                     (GPT-2's scaling of projections that write to the residual)
+          RMSNorm weights                            1
+          adapters                                   untouched (adapters.py owns them)
+        """
+        std_res = 0.02 / math.sqrt(2 * self.config.n_layer) if scaled_residual else 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif ".adapter." not in name:
+                is_res = name.endswith(("o_proj.weight", "down_proj.weight"))
+                nn.init.normal_(p, mean=0.0, std=std_res if is_res else 0.02)
+
+    def forward(self, idx, targets=None, cache=None, pos=0):
+        """idx (B, T) -> logits (B, T, vocab) float, loss (mean CE over targets != -100) or None.
+        cache: per-layer (k, v) buffers from new_cache() (generate only); pos: position of idx[:, 0]."""
+        B, T = idx.shape
+        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]  # (T, hd)
+        x = self.embed_tokens(idx)  # (B, T, C)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, None if cache is None else cache[i], pos)
+        if cache is not None:
+            x = x[:, -1:]  # decoding needs only the last position's logits: skip the head on the prompt
+        logits = self.lm_head(self.norm(x)).float()  # (B, T, vocab), (B, 1, vocab) with a cache
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+    def new_cache(self, B, T_max):
+        """Preallocated KV cache: one (k, v) pair of (B, nkv, T_max, hd) zeros per layer."""
+        a = self.layers[0].self_attn
+        p = self.embed_tokens.weight
+        return [(p.new_zeros(B, a.nkv, T_max, a.hd), p.new_zeros(B, a.nkv, T_max, a.hd)) for _ in self.layers]
+
+    @torch.inference_mode()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None):
+        """Continue idx (B, T) by max_new_tokens -> (B, T + max_new_tokens). Greedy when temperature == 0.
+        Prefills the prompt once, then feeds one token per step through a preallocated KV cache."""
+        B, T = idx.shape
+        assert T + max_new_tokens <= self.config.block_size, "prompt + new tokens exceed block_size"
+        cache = self.new_cache(B, T + max_new_tokens)
+        out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+        out[:, :T] = idx
+        logits, _ = self(idx, cache=cache, pos=0)
+        for t in range(T, T + max_new_tokens):
+            logits = logits[:, -1, :]  # (B, vocab)
+            if temperature == 0.0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            out[:, t:t + 1] = nxt
+            if t + 1 < T + max_new_tokens:  # the last token needs no forward
+                logits, _ = self(nxt, cache=cache, pos=t)
+        return out
+
+    def num_params(self):
+        """Number of parameters (a tied head counted once, adapters included if attached)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token at sequence length T (PaLM appendix B, as nanoGPT's estimate_mfu):
+        6*N for the weight matmuls (fwd 2 + bwd 4; N = all Linear weights incl. lm_head, a tied head counted
+        as a matmul, embedding lookup and norms excluded) + 12*L*H*hd*T for attention scores and values."""
+        N = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        a = self.layers[0].self_attn
+        return 6 * N + 12 * self.config.n_layer * a.nh * a.hd * T
+
+    # ---------------------------------------------------------------- HF checkpoints
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32):
+        """Load an HF LLaMA/Mistral dir: config.json + model.safetensors (or a sharded index)."""
+        with open(os.path.join(path, "config.json")) as f:
+            config = config_from_hf(json.load(f))
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        sd = {}
+        for name in files:
+            file = os.path.join(path, name)
+            if not os.path.exists(file):
+                raise FileNotFoundError(f"checkpoint file {file} is missing")
+            sd.update(load_file(file))
+        # HF keys carry a `model.` prefix; very old checkpoints also stored the rotary inv_freq
+        sd = {k.removeprefix("model."): v.to(dtype) for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+        if config.tie_embeddings:
+            sd.setdefault("lm_head.weight", sd.get("embed_tokens.weight"))
+        with torch.device("meta"):  # no memory or init time spent on weights about to be replaced
+            model = cls(config)
+        missing = [k for k in model.state_dict() if sd.get(k) is None]
+        extra = [k for k in sd if k not in model.state_dict()]
+        if missing or extra:
+            raise ValueError(f"checkpoint {path} does not match the config: missing tensors {missing[:5]}, "
+                             f"unexpected tensors {extra[:5]}")
+        model.load_state_dict(sd, strict=True, assign=True)
+        if config.tie_embeddings:  # assign=True made two Parameters; tie them back into one
+            model.lm_head.weight = model.embed_tokens.weight
+        # the meta-device buffers, now for real; in `dtype` like any buffer after .to(dtype) (HF rounds them
+        # to the activation dtype as well, so logits agree either way)
+        model.cos, model.sin = (t.to(dtype) for t in rope_tables(config))
+        return model
+
+    def save_pretrained(self, path):
+        """Write config.json (a LlamaConfig) + model.safetensors with HF key names. Base weights only."""
+        adapted = [n for n, m in self.named_modules() if getattr(m, "adapter", None) is not None]
+        if adapted:
+            raise ValueError(f"adapters attached to {adapted[:3]}...: merge them first (adapters.merge_) "
+                             f"or save the adapters separately; save_pretrained writes base weights only")
+        os.makedirs(path, exist_ok=True)
+        c = self.config
+        sd = {f"model.{k}" if k != "lm_head.weight" else k: v.contiguous() for k, v in self.state_dict().items()}
+        if c.tie_embeddings:
+            del sd["lm_head.weight"]
+        dtype = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config_to_hf(c, dtype), f, indent=2)
+        save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """Map an HF LlamaConfig/MistralConfig dict to ModelConfig; refuse what this model cannot represent."""
+    def refuse(key, why):
+        raise ValueError(f"unsupported checkpoint: {key}={hf.get(key)!r} ({why})")
+    if hf.get("model_type") not in ("llama", "mistral"):
+        refuse("model_type", "only llama and mistral are supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            refuse(key, "this model has bias-free projections")
+    if hf.get("sliding_window") is not None:
+        refuse("sliding_window", "sliding-window attention is not implemented")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "the MLP is SwiGLU with silu")
+    # transformers >= 5 writes `rope_parameters` (theta inside); older versions `rope_theta` + `rope_scaling`
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"unsupported checkpoint: rope type {kind!r} (rope_scaling/rope_parameters); "
+                         f"only default and llama3 RoPE are supported")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"unsupported checkpoint: partial_rotary_factor={rope['partial_rotary_factor']}")
+    n_head = hf["num_attention_heads"]
+    eos = hf.get("eos_token_id")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+        n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head, rope_theta=float(theta),
+        rope_scaling=rope if kind == "llama3" else None, norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos)
+
+
+def config_to_hf(c: ModelConfig, dtype: str = "float32") -> dict:
+    """ModelConfig -> a LlamaConfig dict that transformers 4.x and 5.x both read."""
+    rope = {"rope_type": "default"} if c.rope_scaling is None else {**c.rope_scaling, "rope_type": "llama3"}
+    rope.pop("type", None)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head,
+        "head_dim": c.head_dim or c.n_embd // c.n_head, "hidden_act": "silu",
+        "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps, "initializer_range": 0.02,
+        "rope_theta": c.rope_theta, "rope_scaling": None if c.rope_scaling is None else dict(rope),
+        "rope_parameters": {**rope, "rope_theta": c.rope_theta},
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+        "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+        "use_cache": True, "torch_dtype": dtype,
+    }
