@@ -1,0 +1,189 @@
+"""
+Tokenizers for every data and eval script, all byte-level BPE through tiktoken (or raw bytes).
+load_tokenizer(spec) takes a spec string, the one stored in data/<name>/meta.json:
+    "byte"               bytes 0..255 are ids 0..255, BOS = 256, EOS = 257, n_vocab = 258; no files
+    "tiktoken:<name>"    a named tiktoken encoding (gpt2, cl100k_base, ...); downloaded by tiktoken on first use
+    <dir>                an HF checkpoint dir: a byte-level BPE tokenizer.json (GPT-2, SmolLM2, Llama-3 style),
+                         or else a Llama-3 tiktoken tokenizer.model (base64 "token rank" lines)
+    python -c "from tokenizer import load_tokenizer; t = load_tokenizer('byte'); print(t.encode('hi'))"
+"""
+import base64
+import functools
+import json
+import os
+import unicodedata
+
+import tiktoken
+
+# GPT-2's pre-tokenizer (HF ByteLevel with use_regex=True) and Llama-3's (meta-llama/llama3 tokenizer.py)
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's pattern after HF Digits(individual_digits) has cut every digit out: digits are never joined to a
+# space or each other, and a whitespace run before a digit ends its segment (so it counts as the text's end)
+DIGITS_GPT2_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
+                   + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+                   + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])  # 256 in all
+
+
+class Tokenizer:
+    """encode(text) -> ids (no specials added, special-token text is encoded as plain text); decode(ids) -> str."""
+    def __init__(self, spec, enc, bos_id, eos_id, n_vocab, rank_to_id=None, normalizer=None):
+        self.spec, self.enc, self.bos_id, self.eos_id, self.n_vocab = spec, enc, bos_id, eos_id, n_vocab
+        # only when an HF vocab's ids are not in merge order: tiktoken works in ranks, the model in HF ids
+        self.rank_to_id = rank_to_id
+        self.id_to_rank = None if rank_to_id is None else {i: r for r, i in enumerate(rank_to_id)}
+        self.normalizer = normalizer  # "NFC"/"NFKC"... applied before encoding, as the HF normalizer does
+
+    def encode(self, text: str) -> list[int]:
+        if self.normalizer:
+            text = unicodedata.normalize(self.normalizer, text)
+        if self.enc is None:  # "byte"
+            return list(text.encode("utf-8"))
+        ranks = self.enc.encode_ordinary(text)
+        return ranks if self.rank_to_id is None else [self.rank_to_id[r] for r in ranks]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.enc is None:  # "byte": BOS/EOS decode to nothing
+            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        if self.id_to_rank is not None:
+            ids = [self.id_to_rank[i] for i in ids]
+        # a cut in the middle of a multi-byte character decodes to U+FFFD instead of raising
+        return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """Build (once per spec, then cached) the tokenizer a spec string names; see the module docstring."""
+    return _load(os.path.abspath(spec) if os.path.isdir(spec) else spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(spec: str) -> Tokenizer:
+    if spec == "byte":
+        return Tokenizer(spec, None, bos_id=256, eos_id=257, n_vocab=258)
+    if spec.startswith("tiktoken:"):
+        name = spec.removeprefix("tiktoken:")
+        if name not in tiktoken.list_encoding_names():
+            raise ValueError(f"unknown tiktoken encoding {name!r}; known: {tiktoken.list_encoding_names()}")
+        try:
+            enc = tiktoken.get_encoding(name)
+        except Exception as e:  # tiktoken fetches the BPE file over HTTP on first use, then caches it
+            raise RuntimeError(f"tiktoken encoding {name!r} is downloaded on first use and could not be fetched: "
+                               f"this machine appears offline (set TIKTOKEN_CACHE_DIR to a cache that has it). "
+                               f"Cause: {type(e).__name__}: {e}") from e
+        # the OpenAI encodings have an end-of-text token and no BOS (nanoGPT's usage)
+        return Tokenizer(spec, enc, None, enc._special_tokens.get("<|endoftext|>"), enc.n_vocab)
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(f"tokenizer spec {spec!r} is not 'byte', 'tiktoken:<name>' or a directory")
+    if os.path.exists(os.path.join(spec, "tokenizer.json")):
+        return _from_tokenizer_json(spec)
+    if os.path.exists(os.path.join(spec, "tokenizer.model")):
+        return _from_tiktoken_model(spec)
+    raise FileNotFoundError(f"{spec} has neither tokenizer.json nor tokenizer.model")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: the printable character HF uses for each byte -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _pattern(pre: dict | None) -> str:
+    """One regex for tiktoken that splits text as the HF byte-level pre-tokenizer does. Three shapes are known:
+    ByteLevel (GPT-2), Sequence[Digits(individual_digits), ByteLevel] (SmolLM2), Sequence[Split, ByteLevel] (Llama-3)."""
+    steps = [] if pre is None else pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
+    types = [s["type"] for s in steps]
+    if not types or types[-1] != "ByteLevel":
+        raise ValueError(f"pre-tokenizer {types} is not byte-level BPE (ends without ByteLevel): not tiktoken-compatible")
+    *first, last = steps
+    if last.get("add_prefix_space"):
+        raise ValueError("pre-tokenizer ByteLevel(add_prefix_space=True) is not supported")
+    regex = last.get("use_regex", True)
+    if types == ["ByteLevel"] and regex:
+        return GPT2_PATTERN
+    if types == ["Digits", "ByteLevel"] and regex and first[0]["individual_digits"]:
+        return DIGITS_GPT2_PATTERN
+    if types == ["Split", "ByteLevel"] and not regex and "Regex" in first[0]["pattern"] \
+            and first[0]["behavior"] == "Isolated" and not first[0]["invert"]:
+        return first[0]["pattern"]["Regex"]
+    raise ValueError(f"pre-tokenizer {steps} is not supported: known are ByteLevel(use_regex), "
+                     f"[Digits(individual_digits), ByteLevel(use_regex)], [Split(Isolated regex), ByteLevel]")
+
+
+def _special_ids(path: str, vocab: dict[str, int]) -> tuple[int | None, int | None]:
+    """bos/eos ids: tokenizer_config.json token strings first, then generation_config.json, then config.json."""
+    out = {}
+    for name in ("tokenizer_config.json", "generation_config.json", "config.json"):
+        file = os.path.join(path, name)
+        cfg = json.load(open(file)) if os.path.exists(file) else {}
+        for which in ("bos", "eos"):
+            tok, tid = cfg.get(f"{which}_token"), cfg.get(f"{which}_token_id")
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            if tok in vocab:
+                out.setdefault(which, vocab[tok])
+            if tid is not None:  # a list of eos ids keeps the first (as model.ModelConfig)
+                out.setdefault(which, tid[0] if isinstance(tid, list) else tid)
+    return out.get("bos"), out.get("eos")
+
+
+def _from_tokenizer_json(path: str) -> Tokenizer:
+    tj = json.load(open(os.path.join(path, "tokenizer.json"), encoding="utf-8"))
+    model, pre = tj["model"], tj.get("pre_tokenizer")
+    if model["type"] != "BPE" or (pre or {}).get("type") == "Metaspace" or model.get("byte_fallback"):
+        raise ValueError(f"{path}/tokenizer.json is a SentencePiece-style tokenizer (model {model['type']}, "
+                         f"pre-tokenizer {(pre or {}).get('type')}), not byte-level BPE: not tiktoken-compatible")
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise ValueError(f"{path}/tokenizer.json: BPE with subword prefix/suffix is not byte-level BPE")
+    norm = tj.get("normalizer")
+    if norm is not None and norm["type"] not in ("NFC", "NFD", "NFKC", "NFKD"):
+        raise ValueError(f"{path}/tokenizer.json: normalizer {norm['type']} is not supported")
+    pattern = _pattern(pre)
+    # byte-level tokens are strings of GPT-2's printable stand-ins for bytes: map them back to bytes
+    b = _byte_decoder()
+    specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    ranks = {bytes(b[c] for c in tok): i for tok, i in model["vocab"].items() if tok not in specials}
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    made = [ranks.get(bytes(b[c] for c in "".join(m)), -1) for m in merges]  # id each merge creates
+    if -1 in made:
+        raise ValueError(f"{path}/tokenizer.json: merge {merges[made.index(-1)]} makes a token not in the vocab")
+    n_vocab = max([*model["vocab"].values(), *specials.values()]) + 1
+    rank_to_id = None
+    if any(x >= y for x, y in zip(made, made[1:])):
+        # tiktoken merges the pair whose result has the lowest rank, HF the pair listed first: when ids are
+        # not in merge order, rank tokens by merge order (bytes first) and map ranks <-> HF ids
+        by_id = {i: t for t, i in ranks.items()}
+        order = sorted(t for t in ranks if len(t) == 1)
+        order += list(dict.fromkeys(by_id[i] for i in made))
+        order += sorted((t for t in ranks if t not in set(order)), key=ranks.get)
+        rank_to_id = [ranks[t] for t in order] + sorted(specials.values())
+        new = {t: r for r, t in enumerate(order)}
+        specials = {s: len(order) + k for k, s in enumerate(sorted(specials, key=specials.get))}
+        ranks = new
+    enc = tiktoken.Encoding(f"hf:{path}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    bos, eos = _special_ids(path, {**model["vocab"], **{t["content"]: t["id"] for t in tj.get("added_tokens", [])}})
+    return Tokenizer(path, enc, bos, eos, n_vocab, rank_to_id, norm and norm["type"])
+
+
+def _from_tiktoken_model(path: str) -> Tokenizer:
+    file = os.path.join(path, "tokenizer.model")
+    ranks = {}
+    with open(file, "rb") as f:
+        for line in f.read().splitlines():
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise ValueError(f"{file} is not a tiktoken BPE file (base64 token, rank per line); a SentencePiece "
+                                 f"tokenizer.model (Llama 2, TinyLlama) is not tiktoken-compatible")
+            ranks[base64.b64decode(parts[0])] = int(parts[1])
+    specials = {s: len(ranks) + k for k, s in enumerate(LLAMA3_SPECIALS)}
+    enc = tiktoken.Encoding(f"llama3:{path}", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    bos, eos = _special_ids(path, specials)
+    bos = specials["<|begin_of_text|>"] if bos is None else bos
+    eos = specials["<|end_of_text|>"] if eos is None else eos
+    return Tokenizer(path, enc, bos, eos, enc.n_vocab)
