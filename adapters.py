@@ -23,10 +23,6 @@ KINDS = SHARE_KINDS + ("rope", "decouple", "truncate")
 MORA_TYPES = {1: "share", 2: "share_group", 3: "share_group_tile", 4: "share_fold_group", 6: "rope"}  # reference ids
 CYCLES = {"paper": ("share", "share_group"), "reference": SHARE_KINDS}  # ReMoRA kind order per restart
 
-# -----------------------------------------------------------------------------------------------------------
-# LoRA
-
-
 def lora_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale) -> torch.Tensor:
     """LoRA (Hu et al. Eq. 3): Δh = scale · B (A x); A (r, k), B (d, r), scale = alpha / r. Params r(k + d).
     Init A Kaiming-uniform(a=√5), B = 0. scale may be a 0-dim tensor (the booster gate rides on it)."""
@@ -35,24 +31,11 @@ def lora_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale) -> to
 
 def lora_delta(A: torch.Tensor, B: torch.Tensor, scale) -> torch.Tensor:
     """ΔW = scale · B A, shape (d, k)."""
-    return (B @ A) * scale
-
-# -----------------------------------------------------------------------------------------------------------
-# MoRA: Δh = f_decomp(M · f_comp(x)), M (r_hat, r_hat) = 0 at init, no alpha (scale 1). Params r_hat².
-#   kind              compression  decompression  paper
-#   share             C_fold       D_tile         Eq. 6 (large r); ReMoRA kind A
-#   share_group       C_group      D_group        ReMoRA kind B
-#   share_group_tile  C_group      D_tile         ReMoRA 4-cycle (reference code)
-#   share_fold_group  C_fold       D_group        ReMoRA 4-cycle (reference code)
-#   rope              C_rope       D_rope         Eq. 9 (small r): chunk i rotated by angles i·θ_m
-#   decouple          C_rope w/o rotation, D_rope Eq. 8 (ablation)
-#   truncate          x[:r_hat]    [z; 0]         Eq. 4 (ablation): ΔW = [[M, 0], [0, 0]] cut to (d, k)
-# Edge cases, defined here (the reference crashes): wrap padding is cyclic, padded slot i reads x[i mod k], so
-# k < r_hat/2 wraps x several times (= the reference's merge); rope with k <= r_hat is a single unrotated chunk.
-
+    return (B * scale) @ A  # scale the thin factor: one (d, k) allocation
 
 def mora_rank(in_features: int, out_features: int, r: int, kind: str, rounding: str = "half_up") -> int:
-    """r_hat = int(√((d+k)·r) + 0.5) as the reference code ('floor' = the paper's ⌊√((d+k)·r)⌋); rope: down to even."""
+    """r_hat = int(√((d+k)·r) + 0.5) as the reference code ('floor': the paper's ⌊√((d+k)·r)⌋); rope: down to even.
+    Per layer, from its own k and d; record it with the adapter, never recompute it when loading."""
     if rounding not in ("half_up", "floor"):
         raise ValueError(f"rounding must be 'half_up' or 'floor', got {rounding!r}")
     n = (in_features + out_features) * r
@@ -78,7 +61,7 @@ def _check(r_hat, k, d, kind):
 
 
 def _wrap(x, L):
-    """Cyclic padding/cut of the last dim to length L: out[..., i] = x[..., i mod k]."""
+    """Cyclic padding/cut of the last dim to length L: out[..., i] = x[..., i mod k] (C_fold's pad, D_tile)."""
     k = x.shape[-1]
     if L <= k:
         return x[..., :L]
@@ -108,11 +91,6 @@ def _group_sum(x, r_hat):
     big = m * (s + 1)
     rest = x[..., big:].unflatten(-1, (r_hat - m, s)).sum(-1)
     return rest if m == 0 else torch.cat([x[..., :big].unflatten(-1, (m, s + 1)).sum(-1), rest], dim=-1)
-
-
-def _tile(z, d):
-    """D_tile (and D_rope's period): out[..., t] = z[..., t mod len(z)]."""
-    return _wrap(z, d)
 
 
 def _group_expand(z, d):
@@ -155,11 +133,22 @@ def _rope_forward(x, M, d, rotate):
         cos, sin = _rope_tables(r_hat, nb, x.device, x.dtype)
         x1, x2 = xc.chunk(2, dim=-1)
         xc = xc * cos + torch.cat([-x2, x1], dim=-1) * sin  # rotate-half pairing (m, m + r_hat/2)
-    return _tile(F.linear(xc, M).flatten(-2), d)  # one matmul over all chunks; tile with period n·r_hat
+    return _wrap(F.linear(xc, M).flatten(-2), d)  # one matmul over all chunks; tile with period n·r_hat
 
 
 def mora_forward(x: torch.Tensor, M: torch.Tensor, out_features: int, kind: str) -> torch.Tensor:
-    """MoRA branch Δh for x (..., k) -> (..., d) without building ΔW (kinds: see the table above)."""
+    """MoRA (Jiang et al. Eq. 6-9): Δh = f_decomp(M · f_comp(x)) for x (..., k) -> (..., d), without building ΔW.
+    M (r_hat, r_hat), init 0, no alpha (scale 1); params r_hat² (r_hat from mora_rank).
+      kind              compression  decompression  paper
+      share             C_fold       D_tile         Eq. 6 (large r); ReMoRA kind A
+      share_group       C_group      D_group        ReMoRA kind B
+      share_group_tile  C_group      D_tile         ReMoRA 4-cycle (reference code)
+      share_fold_group  C_fold       D_group        ReMoRA 4-cycle (reference code)
+      rope              C_rope       D_rope         Eq. 9 (small r): chunk i rotated by i·θ_m, θ_m = 10000^(-2m/r_hat)
+      decouple          C_rope w/o rotation, D_rope Eq. 8 (ablation; I_n ⊗ M when d = k = n·r_hat)
+      truncate          x[:r_hat]    [z; 0]         Eq. 4 (ablation): ΔW = [[M, 0], [0, 0]] cut to (d, k)
+    Defined here where the reference crashes: wrap padding is cyclic (padded slot i reads x[i mod k]), so k < r_hat/2
+    wraps x several times, as the reference's merge does; rope with k <= r_hat is one unrotated chunk."""
     k, d = x.shape[-1], out_features
     r_hat = _check(M.shape[0], k, d, kind)
     if kind in ("rope", "decouple"):
@@ -170,54 +159,92 @@ def mora_forward(x: torch.Tensor, M: torch.Tensor, out_features: int, kind: str)
         return F.pad(y, (0, d - d2)) if d > d2 else y
     z = _fold(x, r_hat) if kind in ("share", "share_fold_group") else _group_sum(x, r_hat)
     z = F.linear(z, M)
-    return _tile(z, d) if kind in ("share", "share_group_tile") else _group_expand(z, d)
+    return _wrap(z, d) if kind in ("share", "share_group_tile") else _group_expand(z, d)
 
 
-def mora_delta(M: torch.Tensor, in_features: int, out_features: int, kind: str) -> torch.Tensor:
-    """ΔW (d, k) in closed form (SPEC 2.4): compress M's columns to (r_hat, k), then gather one row per output;
-    rope/decouple: scatter the diagonal blocks B_b = M·R_b. Always equals mora_forward(I_k)ᵀ."""
-    k, d = in_features, out_features
+def _blocks_add_(Wv, Bs, k):
+    """Wv (..., R, k) += the first R <= n·r_hat rows of blockdiag(Bs[0], Bs[1], ...), columns wrapped mod k."""
+    R, r_hat = Wv.shape[-2], Bs.shape[-1]
+    f = min(-(-k // r_hat) - 1, R // r_hat)  # whole blocks that neither wrap nor get cut: one strided view
+    if f:
+        a = f * r_hat
+        diag = Wv[..., :a, :a].unflatten(-1, (f, r_hat)).unflatten(-3, (f, r_hat)).diagonal(0, -4, -2)
+        diag.add_(Bs[:f].permute(1, 2, 0))  # diag: (..., r_hat, r_hat, f)
+    if R > f * r_hat:  # at most one more block: cut by R, or the last one whose padding wraps to column 0
+        b, rows = f, min(R - f * r_hat, r_hat)
+        cols = (b * r_hat + torch.arange(r_hat, device=Wv.device)) % k
+        Wv[..., b * r_hat:b * r_hat + rows, :].add_(Wv.new_zeros(rows, k).index_add_(1, cols, Bs[b, :rows]))
+
+
+def mora_add_(W: torch.Tensor, M: torch.Tensor, kind: str, alpha: float = 1.0) -> torch.Tensor:
+    """W (d, k) += alpha·ΔW in place, without building ΔW (SPEC 2.4; the merge path). Share kinds: compress M's
+    columns to MS (r_hat, k), add it onto row groups via broadcast views; rope/decouple: add the diagonal blocks
+    B_b = M·R_b through a strided view (touches ~k·r_hat entries per output period); truncate: one block."""
+    d, k = W.shape
     r_hat = _check(M.shape[0], k, d, kind)
-    dev = M.device
+    dev, M = M.device, M.to(W.dtype)
+    M = M * alpha if alpha != 1 else M
     if kind == "truncate":
-        W = M.new_zeros(d, k)
-        W[:r_hat, :r_hat] = M[:d, :k]
+        W[:r_hat, :r_hat] += M[:d, :k]
         return W
     if kind in ("rope", "decouple"):
         n = -(-k // r_hat)
-        L, nb = n * r_hat, min(n, -(-d // r_hat))
+        L, nb = n * r_hat, min(n, -(-d // r_hat))  # L: period of the output tiling; nb: blocks that reach it
         Bs = M.expand(nb, r_hat, r_hat)
         if kind == "rope" and nb > 1:
             cos, sin = _rope_tables(r_hat, nb, dev, M.dtype)
             h = r_hat // 2
             Mbar = torch.cat([M[:, h:], -M[:, :h]], dim=1)
             Bs = M * cos[:, None, :] + Mbar * sin[:, None, :]  # (nb, r_hat, r_hat): M·R_b, column-wise rotation
-        R = min(d, L)
-        rows = torch.arange(R, device=dev)
-        cols = ((rows // r_hat * r_hat)[:, None] + torch.arange(r_hat, device=dev)) % k  # wrap padding -> mod k
-        W = M.new_zeros(R, k).index_put_((rows[:, None], cols), Bs.reshape(nb * r_hat, r_hat)[:R], accumulate=True)
-        return W if d <= L else W.index_select(0, torch.arange(d, device=dev) % L)
+        P = d // L  # whole output periods (D_rope tiles with period L), then a partial one
+        if P:
+            _blocks_add_(W[:P * L].unflatten(0, (P, L)), Bs, k)
+        if d > P * L:
+            _blocks_add_(W[P * L:], Bs, k)
+        return W
     if kind in ("share", "share_fold_group"):
         n = -(-k // r_hat)  # padded slot i (of n·r_hat) reads column i mod k and feeds M's column i mod r_hat
         MS = M.new_zeros(r_hat, k).index_add_(1, torch.arange(n * r_hat, device=dev) % k, M.repeat(1, n))
     else:
         MS = M.index_select(1, _groups(k, r_hat, dev))
-    rows = torch.arange(d, device=dev) % r_hat if kind in ("share", "share_group_tile") else _groups(d, r_hat, dev)
-    return MS.index_select(0, rows)
+    if kind in ("share", "share_group_tile"):  # D_tile: row t gets MS[t mod r_hat]
+        full = d // r_hat * r_hat
+        W[:full].unflatten(0, (-1, r_hat)).add_(MS)
+        W[full:].add_(MS[:d - full])
+    else:  # D_group: consecutive runs of s+1 (first d mod r_hat) then s equal rows
+        s, m = divmod(d, r_hat)
+        W[:m * (s + 1)].unflatten(0, (m, s + 1)).add_(MS[:m, None])
+        W[m * (s + 1):].unflatten(0, (r_hat - m, s)).add_(MS[m:, None])
+    return W
 
-# -----------------------------------------------------------------------------------------------------------
-# modules on model.Linear.adapter
 
+def mora_delta(M: torch.Tensor, in_features: int, out_features: int, kind: str) -> torch.Tensor:
+    """ΔW (d, k) in closed form: mora_add_ on zeros. Always equals mora_forward(I_k)ᵀ."""
+    return mora_add_(M.new_zeros(out_features, in_features), M, kind)
 
-def _delta(s: dict, t: dict, dtype) -> torch.Tensor:
-    """ΔW of one layer from its settings and tensors (shared by module.delta, merge_ and merge_state_dict)."""
+def _add_delta_(W, s: dict, t: dict, alpha=1.0):
+    """W += alpha·ΔW of one layer from its settings and tensors, in W's dtype (delta, merge_, merge_state_dict)."""
     if s["method"] == "mora":
-        return mora_delta(t["M"].to(dtype), s["in_features"], s["out_features"], s["kind"])
-    scale = s["scale"] * t["gate"].to(dtype) if "gate" in t else s["scale"]  # a booster's ΔW includes its gate
-    return lora_delta(t["A"].to(dtype), t["B"].to(dtype), scale)
+        return mora_add_(W, t["M"], s["kind"], alpha)
+    B = t["B"].to(W.dtype) * (s["scale"] * t["gate"].to(W.dtype) if "gate" in t else s["scale"])  # booster: gated
+    return W.addmm_(B, t["A"].to(W.dtype), alpha=alpha)
 
 
-class LoRA(nn.Module):
+class _Adapter(nn.Module):
+    """What LoRA and MoRA share: settings() (plain python, saved in checkpoints) and delta()."""
+
+    def settings(self):
+        return dict(method=self.method, r=self.r, r_hat=self.r_hat, kind=self.kind, scale=self.scale,
+                    in_features=self.in_features, out_features=self.out_features)
+
+    def delta(self, dtype=None):
+        """ΔW (d, k) in dtype, by default fp32 (fp64 for fp64 params)."""
+        p = next(self.parameters())
+        W = p.new_zeros(self.out_features, self.in_features, dtype=dtype or _merge_dtype(p.dtype))
+        return _add_delta_(W, self.settings(), self.state_dict())
+
+
+class LoRA(_Adapter):
     """Δh = scale · B A dropout(x) [· gate]. A (r, k) Kaiming-uniform(a=√5), B (d, r) = 0; r(k+d) params.
     gated=True is an XGBLoRA booster (r = 1, scale = s): `gate` is a persistent 0-dim 0/1 buffer (saved with the
     adapter so resume and merge see the same gates), 0 at attach; gate 0 gives exactly zero output and grads."""
@@ -225,6 +252,7 @@ class LoRA(nn.Module):
     def __init__(self, in_features, out_features, r, scale, dropout=0.0, gated=False, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.r, self.scale = in_features, out_features, r, float(scale)
+        self.method, self.r_hat, self.kind = "booster" if gated else "lora", None, None
         self.A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -240,22 +268,16 @@ class LoRA(nn.Module):
         scale = self.scale if self.gate is None else self.scale * self.gate
         return lora_forward(self.dropout(x), self.A, self.B, scale)
 
-    def settings(self):
-        return dict(method="lora" if self.gate is None else "booster", r=self.r, r_hat=None, kind=None,
-                    scale=self.scale, in_features=self.in_features, out_features=self.out_features)
 
-    def delta(self, dtype=None):
-        return _delta(self.settings(), self.state_dict(), dtype or torch.promote_types(self.A.dtype, torch.float32))
-
-
-class MoRA(nn.Module):
-    """Δh = f_decomp(M · f_comp(dropout(x))) (kinds in the table above); M (r_hat, r_hat) = 0, r_hat² params.
+class MoRA(_Adapter):
+    """Δh = mora_forward(dropout(x), M, d, kind); M (r_hat, r_hat) = 0, r_hat² params (kinds: mora_forward).
     r is only the LoRA-equivalent rank r_hat came from. The branch runs in M's dtype, the output in x's."""
 
     def __init__(self, in_features, out_features, r_hat, kind, r=None, dropout=0.0, device=None, dtype=None):
         super().__init__()
         _check(r_hat, in_features, out_features, kind)
         self.in_features, self.out_features, self.r, self.r_hat, self.kind = in_features, out_features, r, r_hat, kind
+        self.method, self.scale = "mora", 1.0
         self.M = nn.Parameter(torch.zeros(r_hat, r_hat, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -265,13 +287,6 @@ class MoRA(nn.Module):
 
     def forward(self, x):
         return mora_forward(self.dropout(x).to(self.M.dtype), self.M, self.out_features, self.kind).to(x.dtype)
-
-    def settings(self):
-        return dict(method="mora", r=self.r, r_hat=self.r_hat, kind=self.kind, scale=1.0,
-                    in_features=self.in_features, out_features=self.out_features)
-
-    def delta(self, dtype=None):
-        return _delta(self.settings(), self.state_dict(), dtype or torch.promote_types(self.M.dtype, torch.float32))
 
 
 def _adapted(model):
@@ -286,7 +301,8 @@ def _attach_one(lin, s, dropout):
     if s["method"] == "mora":
         lin.adapter = MoRA(s["in_features"], s["out_features"], s["r_hat"], s["kind"], r=s["r"], **kw)
     else:
-        lin.adapter = LoRA(s["in_features"], s["out_features"], s["r"], s["scale"], gated=s["method"] == "booster", **kw)
+        gated = s["method"] == "booster"
+        lin.adapter = LoRA(s["in_features"], s["out_features"], s["r"], s["scale"], gated=gated, **kw)
     return list(lin.adapter.parameters())
 
 
@@ -329,9 +345,10 @@ def adapter_state_dict(model) -> dict:
     return {f"{name}.adapter.{k}": v for name, lin in _adapted(model) for k, v in lin.adapter.state_dict().items()}
 
 
-def load_adapters(model, settings, state_dict, dropout=0.0) -> list:
-    """Freeze everything, attach exactly per saved per-layer settings (r_hat, kind never recomputed), load strictly.
-    Returns the adapter parameters like attach."""
+def load_adapters(model, settings, state_dict=None, dropout=0.0) -> list:
+    """Freeze everything, attach exactly per saved per-layer settings (r_hat, kind never recomputed), then load
+    state_dict strictly (every adapter key, nothing else). state_dict None or {}: attach only, the caller loads the
+    tensors with the rest of its checkpoint. Returns the adapter parameters like attach."""
     for p in model.parameters():
         p.requires_grad_(False)
     modules, params = dict(model.named_modules()), []
@@ -339,13 +356,14 @@ def load_adapters(model, settings, state_dict, dropout=0.0) -> list:
         if not isinstance(modules.get(name), Linear):
             raise ValueError(f"saved adapter layer {name!r} is not a model.Linear of this model")
         params += _attach_one(modules[name], s, dropout)
-    expected = adapter_state_dict(model)
-    if set(expected) != set(state_dict):
-        raise ValueError(f"adapter state dict mismatch: missing {sorted(set(expected) - set(state_dict))}, "
-                         f"unexpected {sorted(set(state_dict) - set(expected))}")
-    for name in settings:
-        pre = name + ".adapter."
-        modules[name].adapter.load_state_dict({k[len(pre):]: v for k, v in state_dict.items() if k.startswith(pre)})
+    if state_dict:
+        expected = set(adapter_state_dict(model))
+        missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+        if missing or unexpected:
+            raise ValueError(f"adapter state dict mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        for name in settings:
+            pre = name + ".adapter."
+            modules[name].adapter.load_state_dict({k[len(pre):]: v for k, v in state_dict.items() if k.startswith(pre)})
     return params
 
 
@@ -390,26 +408,32 @@ def set_gates_(model, layer_ids):
         gate.fill_(1.0 if i in layer_ids else 0.0)
 
 
+def _merge_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 weights
+
+
 @torch.no_grad()
 def merge_(model, alpha: float = 1.0):
-    """W += alpha·ΔW for every adapted layer, computed and added in fp32 (fp64 for fp64 weights), cast once.
-    Adapters stay attached and unchanged (call reinit_ to restart)."""
+    """W += alpha·ΔW for every adapted layer, added in place in fp32 (a bf16/fp16 W goes through an fp32 copy,
+    cast once). Adapters stay attached and unchanged (call reinit_ to restart)."""
     for _, lin in _adapted(model):
         W = lin.weight
-        dt = torch.promote_types(W.dtype, torch.float32)
-        W.copy_(torch.add(W.to(dt), lin.adapter.delta(dt), alpha=alpha))
+        if W.dtype == _merge_dtype(W.dtype):
+            _add_delta_(W, lin.adapter.settings(), lin.adapter.state_dict(), alpha)
+        else:
+            W.copy_(_add_delta_(W.to(_merge_dtype(W.dtype)), lin.adapter.settings(), lin.adapter.state_dict(), alpha))
 
 
+@torch.no_grad()
 def merge_state_dict(base_sd: dict, settings: dict, adapter_sd: dict, alpha: float = 1.0) -> dict:
     """Pure merge: a new base state dict with W + alpha·ΔW for every layer in settings (same ΔW code as merge_);
-    adapter keys, if base_sd has any, are dropped, so the result loads strict into the plain model."""
+    inputs are not modified; adapter keys, if base_sd has any, are dropped, so the result loads strict."""
     out = dict(base_sd)
     for name, s in settings.items():
         pre = name + ".adapter."
-        t = {k[len(pre):]: v for k, v in adapter_sd.items() if k.startswith(pre)}
+        t = {k[len(pre):]: v.to(base_sd[name + ".weight"].device) for k, v in adapter_sd.items() if k.startswith(pre)}
         W = base_sd[name + ".weight"]
-        dt = torch.promote_types(W.dtype, torch.float32)
-        out[name + ".weight"] = torch.add(W.to(dt), _delta(s, t, dt).to(W.device), alpha=alpha).to(W.dtype)
+        out[name + ".weight"] = _add_delta_(W.to(_merge_dtype(W.dtype), copy=True), s, t, alpha).to(W.dtype)
         for key in [k for k in out if k.startswith(pre)]:
             del out[key]
     return out

@@ -96,6 +96,8 @@ def test_delta_equals_forward_of_identity(kind):
         assert (D - oracle_delta(M, k, d, kind)).abs().max().item() <= 1e-12, (kind, k, d, r_hat)
         x = torch.randn(2, 3, k, generator=g, dtype=torch.float64)  # any leading dims
         assert (A.mora_forward(x, M, d, kind) - x @ D.T).abs().max().item() <= 1e-12
+        W = torch.randn(d, k, generator=g, dtype=torch.float64)  # the in-place merge path: W + alpha·ΔW
+        assert (A.mora_add_(W.clone(), M, kind, alpha=0.5) - (W + 0.5 * D)).abs().max().item() <= 1e-12
 
 
 def spec_delta(M, k, d, kind):
@@ -252,6 +254,17 @@ def test_merge_float64_and_settings_are_plain():
         assert all(v is None or type(v) in (int, float, str) for v in s.values())
 
 
+def test_merge_bf16_goes_through_fp32():
+    model = tiny_model(dtype=torch.bfloat16)
+    A.attach(model, "lora", r=4)
+    randomize_(model)
+    q = model.layers[0].self_attn.q_proj
+    expected = (q.weight.float() + q.adapter.delta()).to(torch.bfloat16)  # delta() defaults to fp32
+    assert q.adapter.delta().dtype == torch.float32 and q.adapter.A.dtype == torch.bfloat16
+    A.merge_(model)
+    assert torch.equal(q.weight, expected)
+
+
 def test_param_counts():
     model = tiny_model()
     shapes = [(m.in_features, m.out_features) for n, m in model.named_modules()
@@ -343,6 +356,9 @@ def test_save_load_roundtrip_uses_saved_r_hat():
     assert A.settings(fresh) == s and fresh.get_submodule(name).adapter.r_hat == 20
     assert torch.equal(fresh(idx)[0], y) and len(params) == 14
     assert not fresh.embed_tokens.weight.requires_grad
+    other = tiny_model()
+    A.load_adapters(other, s, None)  # attach only: the caller loads the tensors with its checkpoint
+    assert A.settings(other) == s and torch.count_nonzero(other.get_submodule(name).adapter.M) == 0
     with pytest.raises(ValueError, match="mismatch"):
         A.load_adapters(tiny_model(), s, {k: v for k, v in sd.items() if "layers.0" not in k})
 

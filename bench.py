@@ -1,0 +1,117 @@
+"""
+Adapter benchmarks, CPU fp32 by default (a script, not a test):
+  (a) merge: W += ΔW (mora_delta / lora_delta, then add) on LLaMA-7B layer shapes, against one same-shaped
+      W.add_(W2), the memory-bound floor of any merge;
+  (b) step: forward + backward + AdamW step of a small LLaMA with LoRA / MoRA adapters, median ms, and the
+      matmul-FLOP ratio against LoRA counted with torch.utils.flop_counter.FlopCounterMode.
+    python bench.py --what all            # --threads 2 (default), --quick for a short run
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import adapters
+from model import LLaMA, ModelConfig
+
+
+def timeit(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_merge(args):
+    shapes = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out): q/k/v/o, gate/up, down of LLaMA-7B
+    ranks = [8] if args.quick else [8, 256]
+    print(f"\n(a) merge W += ΔW, fp32, {torch.get_num_threads()} threads, median of {args.repeats}. floor: one "
+          "W.add_(W2) of the same shape; in-place: what merge_ runs (mora_add_ / addmm_); "
+          "materialised: W.add_(mora_delta(...)) / W.add_(lora_delta(...))")
+    print(f"{'layer (in->out)':>16} {'r':>4} {'method':>17} {'r_hat':>6} {'floor ms':>9} {'in-place':>9} {'ratio':>6} "
+          f"{'materialised':>13} {'ratio':>6}")
+    g = torch.Generator().manual_seed(0)
+    for k, d in shapes:
+        W, W2 = torch.randn(d, k, generator=g), torch.randn(d, k, generator=g)
+        for r in ranks:
+            for method in ("lora",) + adapters.KINDS:
+                if method == "lora":
+                    r_hat, A, B = "-", torch.randn(r, k, generator=g), torch.randn(d, r, generator=g)
+                    in_place = lambda: W.addmm_(B, A, alpha=2.0 / r)  # noqa: E731
+                    materialised = lambda: W.add_(adapters.lora_delta(A, B, 2.0 / r))  # noqa: E731
+                else:
+                    r_hat = adapters.mora_rank(k, d, r, method)
+                    M = torch.randn(r_hat, r_hat, generator=g) * 0.01
+                    in_place = lambda: adapters.mora_add_(W, M, method)  # noqa: E731
+                    materialised = lambda: W.add_(adapters.mora_delta(M, k, d, method))  # noqa: E731
+                floor = timeit(lambda: W.add_(W2, alpha=1e-6), args.repeats)  # re-measured: the machine is shared
+                t1, t2 = timeit(in_place, args.repeats), timeit(materialised, args.repeats)
+                print(f"{f'{k}->{d}':>16} {r:>4} {method:>17} {r_hat:>6} {floor * 1e3:>9.1f} {t1 * 1e3:>9.1f} "
+                      f"{t1 / floor:>6.2f} {t2 * 1e3:>13.1f} {t2 / floor:>6.2f}")
+
+
+def bench_step(args):
+    cfg = ModelConfig(vocab_size=8192, block_size=256, n_layer=8, n_head=8, n_kv_head=4, n_embd=512,
+                      intermediate_size=1376)
+    B, T = (4, 128) if args.quick else (8, 256)
+    runs = [("lora", None, 8), ("mora", "share", 8), ("mora", "rope", 8)]
+    if not args.quick:
+        runs += [("lora", None, 256), ("mora", "share", 256), ("mora", "rope", 256)]
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    print(f"\n(b) train step (fwd + bwd + AdamW), LLaMA d={cfg.n_embd} L={cfg.n_layer} MLP {cfg.intermediate_size} "
+          f"GQA {cfg.n_head}/{cfg.n_kv_head} vocab {cfg.vocab_size}, batch {B}x{T}, fp32, "
+          f"{torch.get_num_threads()} threads, median of {args.steps} steps after 2 warm-up")
+    print(f"{'method':>13} {'r':>4} {'trainable':>10} {'ms/step':>9} {'time/LoRA':>10} {'FLOPs/LoRA':>11}")
+    steps, flops = [], []
+    for method, kind, r in runs:
+        torch.manual_seed(0)
+        model = LLaMA(cfg)
+        params = adapters.attach(model, method, r=r, alpha=2.0 * r, kind=kind)
+        with torch.no_grad():
+            for p in params:  # a trained-looking adapter (zero M / B would not change the work done)
+                p.normal_(0, 0.01)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step(model=model, opt=opt):
+            model(x, y)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        with FlopCounterMode(display=False) as fc:
+            model(x, y)[1].backward()
+        opt.zero_grad(set_to_none=True)
+        steps.append((step, adapters.count_params(model)[0]))
+        flops.append(fc.get_total_flops())
+    times = [[] for _ in runs]
+    for i in range(args.steps + 2):  # round-robin, so load from other processes hits every method alike
+        for (step, _), ts in zip(steps, times):
+            t0 = time.perf_counter()
+            step()
+            if i >= 2:  # the first two are warm-up
+                ts.append(time.perf_counter() - t0)
+    base = {}
+    for (method, kind, r), (_, n_train), ts, fl in zip(runs, steps, times, flops):
+        ms = statistics.median(ts) * 1e3
+        base.setdefault(r, (ms, fl))
+        name = method if kind is None else f"mora {kind}"
+        print(f"{name:>13} {r:>4} {n_train:>10,} {ms:>9.1f} {ms / base[r][0]:>10.3f} {fl / base[r][1]:>11.3f}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--what", choices=["merge", "step", "all"], default="all")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="r=8 only, smaller batch, fewer repeats")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.repeats, args.steps = (3, 3) if args.quick else (5, 7)
+    if args.what in ("merge", "all"):
+        bench_merge(args)
+    if args.what in ("step", "all"):
+        bench_step(args)
