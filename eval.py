@@ -1,0 +1,159 @@
+"""
+Evaluation: deterministic validation loss, memory-task character accuracy, and curves of runs.
+train.py imports these functions, so its logs and this script print the same numbers.
+
+$ python eval.py --out_dir=out/memory_mora                # val loss (+ char_acc on a memory dataset) of a checkpoint
+$ python eval.py --out_dir=out/memory_mora --char_acc_pairs=-1   # score every pair
+$ python eval.py --plot=out/memory_lora,out/memory_mora --plot_file=assets/memory_cpu.png
+"""
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+import adapters
+from model import LLaMA, ModelConfig
+
+UUID_LEN = 36  # a uuid4 string: 32 hex digits + 4 hyphens
+
+
+@torch.no_grad()
+def estimate_loss(model, dataset, split, batch_size, block_size, eval_iters, device, ctx=nullcontext()):
+    """Mean cross-entropy per target token over a fixed, ordered slice of the split (deterministic)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in dataset.eval_batches(split, batch_size, block_size, eval_iters):
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            logits, _ = model(x)
+        # sum, not mean per batch, so padded example batches weigh every target token equally
+        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100,
+                                 reduction='sum').item()
+        count += (y != -100).sum().item()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def char_score(pred, value):
+    """Share of the value's characters that the prediction matches position-wise (missing ones count as wrong)."""
+    return sum(a == b for a, b in zip(pred, value)) / len(value)
+
+
+@torch.no_grad()
+def char_accuracy(model, tokenizer, pairs, device, ctx=nullcontext(), batch_size=64, max_new_tokens=None):
+    """Memory task (SPEC 5.1): greedy-decode after `key:` and score the first 36 characters against the value.
+    pairs: dicts with 'value' and 'prompt' (token ids, BOS included) as written by data/memory/prepare.py.
+    Prompts of equal token length are decoded together, so no padding enters the computation."""
+    was_training = model.training
+    model.eval()
+    # a uuid is about one token per character; leave slack for tokens that are shorter than that
+    max_new_tokens = max_new_tokens or UUID_LEN + 8
+    by_len = {}
+    for i, p in enumerate(pairs):
+        by_len.setdefault(len(p['prompt']), []).append(i)
+    scores = [0.0] * len(pairs)
+    for n, idxs in sorted(by_len.items()):
+        for s in range(0, len(idxs), batch_size):
+            chunk = idxs[s:s + batch_size]
+            prompt = torch.tensor([pairs[i]['prompt'] for i in chunk], dtype=torch.long, device=device)
+            with ctx:
+                out = model.generate(prompt, max_new_tokens, temperature=0.0)
+            for i, row in zip(chunk, out[:, n:].tolist()):
+                scores[i] = char_score(tokenizer.decode(row)[:UUID_LEN], pairs[i]['value'])
+    model.train(was_training)
+    return sum(scores) / max(len(scores), 1)
+
+
+def memory_pairs(dataset, n):
+    """The first n pairs of a memory dataset (all when n < 0); [] for other datasets."""
+    path = os.path.join(dataset.path, 'pairs.json')
+    if n == 0 or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        pairs = json.load(f)
+    return pairs if n < 0 else pairs[:n]
+
+
+def build_model(config, device='cpu'):
+    """The base model a run starts from: an HF checkpoint dir, or a fresh init (seeded) for init_from='scratch'."""
+    if config['init_from'] == 'scratch':
+        torch.manual_seed(config['seed'])
+        return LLaMA(ModelConfig(**config['model_config'])).to(device)
+    return LLaMA.from_pretrained(config['init_from']).to(device)
+
+
+def load_run(out_dir, device='cpu'):
+    """Rebuild the trained model of a run from out_dir/ckpt.pt: base, moved weights, adapters. Returns (model, ckpt)."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train first (python train.py ... --out_dir={out_dir})")
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    model = build_model(ckpt['config'], device)
+    if ckpt['base_fingerprint'] != adapters.base_fingerprint(model.state_dict()):
+        raise ValueError(f"{path} was trained on another base than {ckpt['config']['init_from']} (fingerprint differs)")
+    if ckpt['adapters']:
+        adapters.load_adapters(model, ckpt['adapters'], {})
+    missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
+    assert not unexpected, f"checkpoint has tensors the model lacks: {unexpected[:5]}"
+    return model, ckpt
+
+
+def plot_curves(run_dirs, plot_file):
+    """Loss and char_acc against step for each run's metrics.jsonl, side by side, to a PNG."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("error: --plot needs matplotlib (pip install matplotlib)")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run in run_dirs:
+        with open(os.path.join(run, 'metrics.jsonl')) as f:
+            rows = [json.loads(line) for line in f]
+        label = os.path.basename(os.path.normpath(run))
+        for ax, key in zip(axes, ('loss', 'char_acc')):
+            pts = [(r['iter'], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=label, marker='o' if key == 'char_acc' else None, ms=3)
+    for ax, title in zip(axes, ('train loss', 'char accuracy (greedy, 36 chars)')):
+        ax.set_xlabel('step'); ax.set_title(title); ax.grid(alpha=0.3); ax.legend()
+    os.makedirs(os.path.dirname(plot_file) or '.', exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(plot_file, dpi=120)
+    print(f"wrote {plot_file}")
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    from data import Dataset
+    from tokenizer import load_tokenizer
+    # -----------------------------------------------------------------------------
+    out_dir = 'out'  # run directory holding ckpt.pt
+    dataset = ''  # data/<dataset>/ to evaluate on ('' = the run's own dataset)
+    split = 'val'  # which split the loss is computed on
+    eval_iters = 50  # batches for the loss (fixed order)
+    batch_size = 0  # eval batch size (0 = the run's)
+    char_acc_pairs = -1  # memory datasets: pairs scored by greedy decoding (-1 = all)
+    device = 'cpu'  # 'cpu' or 'cuda'
+    plot = ''  # comma-separated run dirs: plot their metrics.jsonl instead of evaluating
+    plot_file = 'assets/curves.png'  # where --plot writes the PNG
+    # -----------------------------------------------------------------------------
+    cfg = configure(globals(), sys.argv[1:], __file__)
+    if plot:
+        plot_curves(plot.split(','), plot_file)
+        sys.exit(0)
+    model, ckpt = load_run(out_dir, device)
+    run = ckpt['config']
+    ds = Dataset(os.path.join('data', dataset or run['dataset']))
+    bs = batch_size or run['batch_size']
+    loss = estimate_loss(model, ds, split, bs, run['block_size'], eval_iters, device)
+    print(f"{out_dir} @ iter {ckpt['iter_num']}: {split} loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})")
+    pairs = memory_pairs(ds, char_acc_pairs)
+    if pairs:
+        acc = char_accuracy(model, load_tokenizer(ds.tokenizer), pairs, device)
+        print(f"char_acc {100 * acc:.1f}% over {len(pairs)} pairs")

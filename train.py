@@ -1,0 +1,387 @@
+"""
+One training loop for full fine-tuning, LoRA, MoRA, ReLoRA, ReMoRA and XGBLoRA (SPEC sections 1-4).
+
+$ python train.py config/memory_mora.py                       # one process, CPU or one GPU
+$ python train.py config/memory_lora.py --max_iters=100       # config file, then --key=value overrides
+$ torchrun --standalone --nproc_per_node=2 train.py config/pretrain_remora.py   # DDP
+$ python train.py --help                                      # every key with its comment
+"""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import adapters
+from configurator import configure
+from data import Dataset
+from eval import build_model, char_accuracy, estimate_loss, memory_pairs
+from model import ModelConfig, RMSNorm
+from tokenizer import load_tokenizer
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out'  # checkpoint ckpt.pt, config.json and metrics.jsonl go here
+eval_interval = 100  # iterations between evals and checkpoints
+log_interval = 10  # iterations between log lines
+eval_iters = 20  # val batches per loss estimate (fixed order: the same number every time)
+char_acc_pairs = 0  # memory datasets: pairs scored by greedy decoding at each eval (0 = off, -1 = all)
+eval_only = False  # evaluate once and exit
+resume = False  # continue the run in out_dir exactly where its checkpoint stopped
+init_from = 'scratch'  # 'scratch' or an HF checkpoint dir (e.g. data/smollm2/SmolLM2-135M-Instruct)
+# data
+dataset = 'memory'  # data/<dataset>/ as written by a data/*/prepare.py script
+tokenizer = ''  # 'byte' | 'tiktoken:<name>' | a checkpoint dir ('' = init_from's own; 'byte' from scratch)
+batch_size = 16  # sequences per micro-batch (per process)
+block_size = 128  # tokens per sequence
+gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all processes
+# model shape (init_from='scratch' only)
+n_layer = 4  # transformer blocks
+n_head = 4  # attention heads
+n_kv_head = 4  # key/value heads (grouped-query attention when < n_head)
+n_embd = 128  # model width
+intermediate_size = 352  # SwiGLU hidden size
+rope_theta = 10000.0  # RoPE base
+# method
+mode = 'mora'  # full | lora | mora | relora | remora | xgblora
+targets = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')  # adapted projections
+r = 8  # LoRA rank; MoRA picks r_hat = sqrt((in+out)*r) for the same parameter count
+alpha = 16.0  # LoRA scale = alpha / r (MoRA has no alpha)
+mora_kind = 'auto'  # share | share_group | share_group_tile | share_fold_group | rope | decouple | truncate | auto
+dropout = 0.0  # dropout on the adapter input
+train_rest = None  # adapter modes also train embeddings, norms and lm_head (None = only from scratch)
+# merge-and-restart (relora, remora)
+merge_every = 0  # optimizer steps between merges (0 = never)
+restart_warmup = 50  # steps of linear LR re-warm after each restart
+remora_cycle = 'paper'  # 'paper': share <-> share_group; 'reference': the 4-kind cycle of the MoRA code
+optimizer_reset = 'clear'  # 'clear' adapter moments and step at a restart, or 'prune' 99% of them (ReLoRA)
+warm_start = 0  # full-rank steps before the adapters take over (ReLoRA paper; 0 = none, as in MoRA)
+lr_envelope = 'jagged'  # 'jagged': one cosine for the run (ReLoRA); 'rewarm': fresh cosine per period (MoRA code)
+# xgblora
+booster_steps = 50  # optimizer steps per rank-1 booster
+booster_blocks = 0  # blocks sampled per booster (0 = n_layer // 3, the paper's best)
+booster_alpha = 1.0  # boosting rate: W += booster_alpha * dW at each booster merge
+booster_scale = 2.0  # booster LoRA scale s
+# optimizer
+learning_rate = 3e-4  # peak learning rate
+max_iters = 1000  # optimizer steps
+weight_decay = 0.0  # AdamW decoupled weight decay on 2-D tensors
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.999  # AdamW beta2
+grad_clip = 1.0  # clip the global grad norm (0 = off)
+# learning rate schedule
+warmup_iters = 100  # linear warmup steps
+decay_lr = 'cosine'  # 'cosine' | 'linear' | 'constant' after warmup
+lr_decay_iters = 0  # steps over which LR decays (0 = max_iters)
+min_lr = 0.0  # LR at the end of decay (0 = learning_rate / 10)
+# system
+device = 'auto'  # 'cpu' | 'cuda' | 'cuda:1' | 'auto'
+dtype = 'auto'  # float32 | bfloat16 | float16 (autocast; weights stay fp32) | auto
+compile = None  # torch.compile the model (None = on for CUDA, off on CPU)
+seed = 1337  # model init, adapters, dropout, data order
+# -----------------------------------------------------------------------------
+config = configure(globals(), sys.argv[1:], __file__)
+MODES = ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora')
+# keys a resumed run may change; any other difference is refused
+MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs', 'eval_only', 'resume',
+              'compile', 'device')
+if mode not in MODES:
+    sys.exit(f"error: mode must be one of {' | '.join(MODES)}, got {mode!r}")
+restarts = mode in ('relora', 'remora') and merge_every > 0
+if merge_every and mode not in ('relora', 'remora'):
+    sys.exit(f"error: merge_every={merge_every} needs mode relora or remora, got mode={mode!r}")
+if mode == 'remora' and mora_kind not in ('auto', 'share', 'share_group', 'share_group_tile', 'share_fold_group'):
+    sys.exit(f"error: remora switches between share kinds; mora_kind={mora_kind!r} is not one (use share or share_group)")
+
+# derived settings (after overrides)
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    dist.init_process_group(backend='nccl' if torch.cuda.is_available() and device != 'cpu' else 'gloo')
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device in ('auto', 'cuda') and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+else:
+    rank, world = 0, 1
+master = rank == 0
+device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+if dtype == 'auto':
+    dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+compile = device_type == 'cuda' if compile is None else compile
+assert gradient_accumulation_steps % world == 0, "gradient_accumulation_steps must be a multiple of the process count"
+grad_accum = gradient_accumulation_steps // world
+lr_decay_iters = lr_decay_iters or max_iters
+min_lr = min_lr or learning_rate / 10
+torch.manual_seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+log = print if master else (lambda *a, **k: None)
+
+# -----------------------------------------------------------------------------
+# data, base model, adapters
+ds = Dataset(os.path.join('data', dataset))
+tok = load_tokenizer(tokenizer or ('byte' if init_from == 'scratch' else init_from))
+config['tokenizer'] = tok.spec
+if init_from == 'scratch':
+    # pad the vocab to a multiple of 64 for faster matmuls, as nanoGPT does
+    config['model_config'] = asdict(ModelConfig(
+        vocab_size=(tok.n_vocab + 63) // 64 * 64, block_size=block_size, n_layer=n_layer, n_head=n_head,
+        n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, rope_theta=rope_theta,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
+model = build_model(config, device)
+ds.check(model.config.vocab_size, block_size, tok.spec)
+base_fingerprint = adapters.base_fingerprint(model.state_dict())
+method = {'full': None, 'lora': 'lora', 'relora': 'lora', 'mora': 'mora', 'remora': 'mora', 'xgblora': 'booster'}[mode]
+kind = mora_kind if mora_kind != 'auto' else 'share' if mode == 'remora' else adapters.default_kind(r)
+if method:
+    adapter_params = adapters.attach(model, method, targets, r=1 if method == 'booster' else r,
+                                     alpha=booster_scale if method == 'booster' else alpha, kind=kind, dropout=dropout)
+else:
+    adapter_params = []
+# in adapter modes, pretraining from scratch also trains embeddings, norms and head at full rank (never reset)
+norms = [p for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()]
+rest = list(dict.fromkeys([model.embed_tokens.weight, model.lm_head.weight, *norms]))  # dedup tied embeddings
+if mode == 'full' or (method and (train_rest or (train_rest is None and init_from == 'scratch'))):
+    for p in (model.parameters() if mode == 'full' else rest):
+        p.requires_grad_(True)
+rest_params = [p for p in rest if p.requires_grad and mode != 'full']
+adapted_weights = [m.weight for m in model.modules() if getattr(m, 'adapter', None) is not None]
+if warm_start:
+    for p in adapted_weights:  # full-rank phase: the adapted weights train directly, the adapters wait
+        p.requires_grad_(True)
+    for p in adapter_params:
+        p.requires_grad_(False)
+trainable = [p for p in model.parameters() if p.requires_grad] + (adapter_params if warm_start else [])
+n_train, n_total = sum(p.numel() for p in dict.fromkeys(trainable)), sum(p.numel() for p in model.parameters())
+
+# what a checkpoint must hold: every tensor that can differ from the base
+moves_base = mode in ('relora', 'remora', 'xgblora') or warm_start > 0
+saved = {id(p) for p in trainable} | ({id(p) for p in adapted_weights} if moves_base else set())
+saved_keys = [k for k, p in model.state_dict(keep_vars=True).items() if id(p) in saved or mode == 'full']
+saved_keys += list(adapters.adapter_state_dict(model))  # adapter tensors and buffers (booster gates)
+
+decay = [p for p in dict.fromkeys(trainable) if p.dim() >= 2]
+no_decay = [p for p in dict.fromkeys(trainable) if p.dim() < 2]
+optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+
+iter_num = 0
+if resume:
+    ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+    changed = {k: (ckpt['config'].get(k), v) for k, v in config.items()
+               if ckpt['config'].get(k) != v and k not in MAY_CHANGE}
+    if changed:
+        sys.exit(f"error: cannot resume {out_dir} with a changed config: {changed} (old, new)")
+    if ckpt['base_fingerprint'] != base_fingerprint:
+        sys.exit(f"error: {out_dir}/ckpt.pt was trained on another base than {init_from}")
+    if mode == 'remora':  # the current kind of a ReMoRA run comes from the checkpoint, never from the config
+        kind = next(iter(ckpt['adapters'].values()))['kind']
+        adapters.switch_kind_(model, kind)
+    model.load_state_dict(ckpt['model'], strict=False)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    iter_num = ckpt['iter_num']
+    torch.set_rng_state(ckpt['rng']['torch'])
+    if device_type == 'cuda':
+        torch.cuda.set_rng_state(ckpt['rng']['cuda'])
+    del ckpt
+
+raw_model = model  # uncompiled handle for saving, eval and merges (no _orig_mod. keys)
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+
+
+def envelope(it, start, peak):
+    """Decay from peak at step start to min_lr at lr_decay_iters (cosine, linear or constant)."""
+    ratio = min(1.0, (it - start) / max(lr_decay_iters - start, 1))
+    coeff = {'cosine': 0.5 * (1 + math.cos(math.pi * ratio)), 'linear': 1 - ratio, 'constant': 1.0}[decay_lr]
+    return peak if decay_lr == 'constant' else min_lr + coeff * (peak - min_lr)
+
+
+def get_lr(it):
+    """LR at optimizer step it: linear warmup, then the envelope; restart modes drop to 0 at each merge and
+    re-warm linearly over restart_warmup steps back onto it (SPEC 3). A pure function of it and the config."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if not restarts or it < warm_start + merge_every:
+        return envelope(it, warmup_iters, learning_rate)
+    last = warm_start + (it - warm_start) // merge_every * merge_every  # step of the latest restart
+    if lr_envelope == 'jagged':  # ReLoRA: one global envelope, cut to 0 at each restart
+        target = lambda t: envelope(t, warmup_iters, learning_rate)
+    else:  # MoRA code: a fresh decay from the LR the run had at the restart
+        target = lambda t: envelope(t, last, get_lr(last - 1))
+    k = it - last
+    return target(it) if k >= restart_warmup else target(last + restart_warmup) * (k + 1) / (restart_warmup + 1)
+
+
+def boosters_at(it):
+    """XGBLoRA: the blocks booster it // booster_steps trains, sampled without replacement from its own seed."""
+    n = booster_blocks or max(1, raw_model.config.n_layer // 3)
+    return set(random.Random(seed * 100003 + it // booster_steps).sample(range(raw_model.config.n_layer), n))
+
+
+def reset_state(params):
+    """Fresh optimizer state for these tensors only (moments and step), or ReLoRA's 99% magnitude prune."""
+    for p in params:
+        if optimizer_reset == 'prune' and p in optimizer.state:
+            for key in ('exp_avg', 'exp_avg_sq'):
+                m = optimizer.state[p][key]
+                m.mul_(m.abs() > m.abs().flatten().kthvalue(max(1, int(0.99 * m.numel()))).values)
+        else:
+            optimizer.state.pop(p, None)
+
+
+def save_checkpoint():
+    """Atomic write (temp file, then os.replace) of everything resume needs, from the uncompiled model."""
+    sd = raw_model.state_dict()
+    ckpt = {'model': {k: sd[k] for k in saved_keys}, 'optimizer': optimizer.state_dict(), 'config': config,
+            'iter_num': iter_num, 'adapters': adapters.settings(raw_model) if method else None,
+            'base_fingerprint': base_fingerprint,
+            'rng': {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
+    tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
+    torch.save(ckpt, tmp)
+    os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
+
+
+def write_metrics(row):
+    with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+
+# -----------------------------------------------------------------------------
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True  # acted on at the next step boundary, so the checkpoint resumes bit-exactly
+
+
+signal.signal(signal.SIGINT, request_stop)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        sha = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        sha = ''
+    log(f"torch {torch.__version__} | device {device} | dtype {dtype} | compile {compile} | world {world} | git {sha or '?'}")
+    log("config: " + json.dumps({k: v for k, v in config.items() if k != 'model_config'}))
+    log(f"trainable params: {n_train:,} / {n_total:,} ({100 * n_train / n_total:.2f}%) | tokens per iter: {tokens_per_iter:,}")
+    if method == 'booster':
+        log(f"xgblora: {n_train:,} booster params on {len(adapted_weights)} layers, "
+            f"~{n_train * len(boosters_at(0)) // raw_model.config.n_layer:,} trained per booster")
+    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=1)
+    if resume:  # drop what the interrupted run logged past its checkpoint; the eval at iter_num is redone
+        path = os.path.join(out_dir, 'metrics.jsonl')
+        keep = lambda row: row['iter'] < iter_num or (row['iter'] == iter_num and 'val_loss' not in row)
+        rows = [line for line in open(path) if keep(json.loads(line))] if os.path.exists(path) else []
+        with open(path, 'w') as f:
+            f.writelines(rows)
+pairs = memory_pairs(ds, char_acc_pairs)
+flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter * (1 if mode == 'full' else 2 / 3)
+peak_flops = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
+peak = next((v for k, v in peak_flops.items() if device_type == 'cuda' and k in torch.cuda.get_device_name()), None)
+if method == 'booster':
+    adapters.set_gates_(raw_model, boosters_at(iter_num))
+    boosters = [(int(name.split('.')[1]), m.adapter) for name, m in raw_model.named_modules()
+                if getattr(m, 'adapter', None) is not None]  # (block index, booster) of every layers.<i>.* module
+t_log, t_eval = time.time(), 0.0  # start of the log interval; seconds of it spent in evals (not counted)
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and master:
+        t_eval -= time.time()
+        row = {'iter': iter_num, 'val_loss': estimate_loss(raw_model, ds, 'val', batch_size, block_size, eval_iters, device, ctx)}
+        if pairs:
+            row['char_acc'] = char_accuracy(raw_model, tok, pairs, device, ctx)
+        log(f"eval {iter_num} | val loss {row['val_loss']:.4f}" + (f" | char_acc {100 * row['char_acc']:.1f}%" if pairs else ''))
+        write_metrics(row)
+        if iter_num > 0 and not eval_only:
+            save_checkpoint()
+        t_eval += time.time()
+    if iter_num >= max_iters or eval_only or stop_requested:
+        break
+    if warm_start and iter_num == warm_start:  # full-rank warm start over: freeze the base, hand over to adapters
+        for p in adapted_weights:
+            p.requires_grad_(False)
+            optimizer.state.pop(p, None)
+        for p in adapter_params:
+            p.requires_grad_(True)
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        x, y = ds.get_batch('train', batch_size, block_size, seed, iter_num, micro, grad_accum, rank, world)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if ddp:  # all-reduce only on the last micro-step
+            model.require_backward_grad_sync = micro == grad_accum - 1
+        with ctx:
+            _, loss = model(x, y)
+        (loss / grad_accum).backward()
+        loss_sum += loss.detach()
+    if method == 'booster':  # unsampled boosters: no grad at all, so AdamW (decay included) leaves them alone
+        active = boosters_at(iter_num)
+        for i, b in boosters:
+            if i not in active:
+                b.A.grad = b.B.grad = None
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+
+    # merge-and-restart (SPEC 3) and booster boundaries (SPEC 4): every state change of a run is here
+    if restarts and iter_num > warm_start and (iter_num - warm_start) % merge_every == 0:
+        adapters.merge_(raw_model)  # W <- W + dW in fp32
+        adapters.reinit_(raw_model)  # same Parameter objects: LoRA A Kaiming, B = 0; MoRA M = 0
+        if mode == 'remora':
+            kind = adapters.next_kind(kind, remora_cycle)
+            adapters.switch_kind_(raw_model, kind)
+        reset_state(adapter_params)  # and LR drops to 0 and re-warms: get_lr knows
+        log(f"restart at {iter_num}: merged {len(adapted_weights)} layers, adapters re-initialised"
+            + (f", next kind {kind}" if mode == 'remora' else '') + f", optimizer state {optimizer_reset}ed")
+    if method == 'booster' and iter_num % booster_steps == 0:
+        adapters.merge_(raw_model, alpha=booster_alpha)  # only gated-on boosters carry a dW
+        adapters.reinit_(raw_model)
+        reset_state(adapter_params)
+        adapters.set_gates_(raw_model, boosters_at(iter_num))
+        log(f"booster {iter_num // booster_steps}: merged, now training blocks {sorted(boosters_at(iter_num))}")
+
+    if iter_num % log_interval == 0 and ddp:  # the logged loss is the global batch's, as with one process
+        dist.all_reduce(loss_sum)
+        loss_sum /= world
+    if iter_num % log_interval == 0 and master:
+        loss_val = loss_sum.item() / grad_accum
+        if not math.isfinite(loss_val):
+            sys.exit(f"error: non-finite loss {loss_val} at iter {iter_num}; the last good checkpoint in {out_dir} is kept")
+        dt = (time.time() - t_log - t_eval) / log_interval  # .item() above waited for the device
+        t_log, t_eval = time.time(), 0.0
+        eta = dt * (max_iters - iter_num)
+        row = {'iter': iter_num, 'loss': loss_val, 'lr': lr, 'ms': 1000 * dt, 'tok_s': tokens_per_iter / dt}
+        if peak:
+            row['mfu'] = flops_per_iter / dt / peak
+        log(f"iter {iter_num} | loss {loss_val:.4f} | lr {lr:.1e} | {1000 * dt:.1f} ms | {row['tok_s'] / 1e3:.1f}k tok/s"
+            + (f" | mfu {100 * row['mfu']:.1f}%" if peak else '') + f" | eta {eta / 60:.1f}m")
+        write_metrics(row)
+
+if stop_requested and master:
+    save_checkpoint()
+    log(f"interrupted: saved {out_dir}/ckpt.pt at iter {iter_num}; continue with --resume=True")
+if ddp:
+    dist.destroy_process_group()
+if stop_requested:
+    sys.exit(130)
