@@ -1,0 +1,89 @@
+"""
+Merge a trained run into its base and write a plain Hugging Face LLaMA directory (or export LoRA for PEFT).
+
+$ python merge.py --out_dir=out/memory_mora --merged_dir=out/memory_mora/merged
+$ python merge.py --out_dir=out/memory_lora --peft_dir=out/memory_lora/peft      # PEFT adapter format
+
+The merge is a pure function of state dicts: base weights + the run's checkpoint -> merged weights that load
+strict into model.py and into transformers' LlamaForCausalLM. Settings (method, r, r_hat, kind per layer,
+scale) come from the checkpoint; nothing is recomputed.
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+import adapters
+from eval import build_model, load_run
+
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model', 'special_tokens_map.json',
+                   'generation_config.json')
+
+
+def merged_state_dict(base_sd, ckpt):
+    """The run's weights folded into the base: moved weights first, then W + dW of every adapter."""
+    adapter_keys = {k for k in ckpt['model'] if '.adapter.' in k}
+    sd = dict(base_sd)
+    sd.update({k: v for k, v in ckpt['model'].items() if k not in adapter_keys})  # trained or moved base tensors
+    if not ckpt['adapters']:
+        return sd
+    return adapters.merge_state_dict(sd, ckpt['adapters'], {k: ckpt['model'][k] for k in adapter_keys})
+
+
+def merge_run(out_dir, merged_dir):
+    """Write merged_dir (config.json, model.safetensors, tokenizer files) for the run in out_dir."""
+    if os.path.exists(os.path.join(merged_dir, 'model.safetensors')):
+        raise FileExistsError(f"{merged_dir} already holds a merged model; refusing to merge twice")
+    model, ckpt = load_run(out_dir)  # checks the base fingerprint
+    base = build_model(ckpt['config'])
+    base.load_state_dict(merged_state_dict(base.state_dict(), ckpt), strict=True)
+    base.save_pretrained(merged_dir)
+    src = ckpt['config']['init_from']
+    for name in TOKENIZER_FILES:  # the tokenizer travels with the weights
+        if src != 'scratch' and os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), merged_dir)
+    print(f"merged {len(ckpt['adapters'] or {})} adapted layers of {out_dir} (iter {ckpt['iter_num']}) into {merged_dir}")
+    return merged_dir
+
+
+def export_peft(out_dir, peft_dir):
+    """LoRA runs only: adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads."""
+    _, ckpt = load_run(out_dir)
+    settings = ckpt['adapters'] or {}
+    if ckpt['config']['mode'] != 'lora' or any(s['method'] != 'lora' for s in settings.values()):
+        raise ValueError(f"PEFT export needs a mode='lora' run; {out_dir} is mode={ckpt['config']['mode']!r}")
+    s = next(iter(settings.values()))
+    targets = sorted({name.rsplit('.', 1)[-1] for name in settings})
+    config = {'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': s['r'], 'lora_alpha': s['scale'] * s['r'],
+              'target_modules': targets, 'lora_dropout': 0.0, 'bias': 'none', 'fan_in_fan_out': False,
+              'base_model_name_or_path': ckpt['config']['init_from'], 'inference_mode': True}
+    # our layers.3.self_attn.q_proj.adapter.A -> PEFT's base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
+    tensors = {}
+    for name in settings:
+        for ours, theirs in (('A', 'lora_A'), ('B', 'lora_B')):
+            t = ckpt['model'][f"{name}.adapter.{ours}"]
+            tensors[f"base_model.model.model.{name}.{theirs}.weight"] = t.contiguous()
+    os.makedirs(peft_dir, exist_ok=True)
+    save_file(tensors, os.path.join(peft_dir, 'adapter_model.safetensors'))
+    with open(os.path.join(peft_dir, 'adapter_config.json'), 'w') as f:
+        json.dump(config, f, indent=1)
+    print(f"exported {len(settings)} LoRA layers of {out_dir} to {peft_dir} (PEFT format)")
+    return peft_dir
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    # -----------------------------------------------------------------------------
+    out_dir = 'out'  # the run to merge (holds ckpt.pt)
+    merged_dir = ''  # write the merged HF model here ('' = <out_dir>/merged)
+    peft_dir = ''  # instead export the LoRA adapter in PEFT format here (mode='lora' runs)
+    # -----------------------------------------------------------------------------
+    configure(globals(), sys.argv[1:], __file__)
+    with torch.no_grad():
+        if peft_dir:
+            export_peft(out_dir, peft_dir)
+        else:
+            merge_run(out_dir, merged_dir or os.path.join(out_dir, 'merged'))
