@@ -23,6 +23,7 @@ KINDS = SHARE_KINDS + ("rope", "decouple", "truncate")
 MORA_TYPES = {1: "share", 2: "share_group", 3: "share_group_tile", 4: "share_fold_group", 6: "rope"}  # reference ids
 CYCLES = {"paper": ("share", "share_group"), "reference": SHARE_KINDS}  # ReMoRA kind order per restart
 
+
 def lora_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale) -> torch.Tensor:
     """LoRA (Hu et al. Eq. 3): Δh = scale · B (A x); A (r, k), B (d, r), scale = alpha / r. Params r(k + d).
     Init A Kaiming-uniform(a=√5), B = 0. scale may be a 0-dim tensor (the booster gate rides on it)."""
@@ -32,6 +33,7 @@ def lora_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale) -> to
 def lora_delta(A: torch.Tensor, B: torch.Tensor, scale) -> torch.Tensor:
     """ΔW = scale · B A, shape (d, k)."""
     return (B * scale) @ A  # scale the thin factor: one (d, k) allocation
+
 
 def mora_rank(in_features: int, out_features: int, r: int, kind: str, rounding: str = "half_up") -> int:
     """r_hat = int(√((d+k)·r) + 0.5) as the reference code ('floor': the paper's ⌊√((d+k)·r)⌋); rope: down to even.
@@ -162,6 +164,15 @@ def mora_forward(x: torch.Tensor, M: torch.Tensor, out_features: int, kind: str)
     return _wrap(z, d) if kind in ("share", "share_group_tile") else _group_expand(z, d)
 
 
+def _fold_cols(X, k):
+    """Cyclic fold of the last dim onto k columns: out[..., j] = sum of X[..., i] over i ≡ j (mod k)."""
+    w = X.shape[-1]
+    if w <= k:
+        return X
+    c = -(-w // k)
+    return F.pad(X, (0, c * k - w)).unflatten(-1, (c, k)).sum(-2)
+
+
 def _blocks_add_(Wv, Bs, k):
     """Wv (..., R, k) += the first R <= n·r_hat rows of blockdiag(Bs[0], Bs[1], ...), columns wrapped mod k."""
     R, r_hat = Wv.shape[-2], Bs.shape[-1]
@@ -171,9 +182,12 @@ def _blocks_add_(Wv, Bs, k):
         diag = Wv[..., :a, :a].unflatten(-1, (f, r_hat)).unflatten(-3, (f, r_hat)).diagonal(0, -4, -2)
         diag.add_(Bs[:f].permute(1, 2, 0))  # diag: (..., r_hat, r_hat, f)
     if R > f * r_hat:  # at most one more block: cut by R, or the last one whose padding wraps to column 0
-        b, rows = f, min(R - f * r_hat, r_hat)
-        cols = (b * r_hat + torch.arange(r_hat, device=Wv.device)) % k
-        Wv[..., b * r_hat:b * r_hat + rows, :].add_(Wv.new_zeros(rows, k).index_add_(1, cols, Bs[b, :rows]))
+        c0, rows = f * r_hat, min(R - f * r_hat, r_hat)
+        Wb, Bb = Wv[..., c0:c0 + rows, :], Bs[f, :rows]
+        Wb[..., c0:c0 + r_hat].add_(Bb[:, :k - c0])
+        if c0 + r_hat > k:  # the padding's columns come from the start of x
+            wrap = _fold_cols(Bb[:, k - c0:], k)
+            Wb[..., :wrap.shape[-1]].add_(wrap)
 
 
 def mora_add_(W: torch.Tensor, M: torch.Tensor, kind: str, alpha: float = 1.0) -> torch.Tensor:
@@ -203,8 +217,12 @@ def mora_add_(W: torch.Tensor, M: torch.Tensor, kind: str, alpha: float = 1.0) -
             _blocks_add_(W[P * L:], Bs, k)
         return W
     if kind in ("share", "share_fold_group"):
-        n = -(-k // r_hat)  # padded slot i (of n·r_hat) reads column i mod k and feeds M's column i mod r_hat
-        MS = M.new_zeros(r_hat, k).index_add_(1, torch.arange(n * r_hat, device=dev) % k, M.repeat(1, n))
+        # padded slot i (of n·r_hat) reads column i mod k and feeds M's column i mod r_hat: M tiled to width k,
+        # plus the padding's columns M[:, q:] folded onto the first columns
+        q = k % r_hat
+        MS = _fold_cols(M, k) if k <= r_hat else _wrap(M, k)
+        if k > r_hat and q:
+            MS[:, :r_hat - q] += M[:, q:]
     else:
         MS = M.index_select(1, _groups(k, r_hat, dev))
     if kind in ("share", "share_group_tile"):  # D_tile: row t gets MS[t mod r_hat]
@@ -221,6 +239,7 @@ def mora_add_(W: torch.Tensor, M: torch.Tensor, kind: str, alpha: float = 1.0) -
 def mora_delta(M: torch.Tensor, in_features: int, out_features: int, kind: str) -> torch.Tensor:
     """ΔW (d, k) in closed form: mora_add_ on zeros. Always equals mora_forward(I_k)ᵀ."""
     return mora_add_(M.new_zeros(out_features, in_features), M, kind)
+
 
 def _add_delta_(W, s: dict, t: dict, alpha=1.0):
     """W += alpha·ΔW of one layer from its settings and tensors, in W's dtype (delta, merge_, merge_state_dict)."""

@@ -7,6 +7,7 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
     python bench.py --what all            # --threads 2 (default), --quick for a short run
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -110,6 +111,8 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="r=8 only, smaller batch, fewer repeats")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {os.cpu_count()} cpus, {args.threads} threads, "
+          f"load average at start {os.getloadavg()[0]:.2f} (other processes skew the timings)")
     args.repeats, args.steps = (3, 3) if args.quick else (5, 7)
     if args.what in ("merge", "all"):
         bench_merge(args)
