@@ -99,7 +99,10 @@ def load_run(out_dir, device='cpu'):
     if ckpt['adapters']:
         adapters.load_adapters(model, ckpt['adapters'], {})
     missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
-    assert not unexpected, f"checkpoint has tensors the model lacks: {unexpected[:5]}"
+    # the base supplies every other tensor; adapter tensors must all come from the checkpoint
+    lacking = [k for k in missing if k in adapters.adapter_state_dict(model)]
+    if unexpected or lacking:
+        raise ValueError(f"{path} does not fit its own settings: unexpected {unexpected[:5]}, missing {lacking[:5]}")
     return model, ckpt
 
 

@@ -27,7 +27,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n_pairs", type=int, default=32, help="number of (key, value) pairs N")
     p.add_argument("--seed", type=int, default=1337, help="seed of the pairs")
-    p.add_argument("--tokenizer", default="byte", help="tokenizer spec: byte | tiktoken:<name> | HF checkpoint dir")
+    p.add_argument("--tokenizer", default="data/smollm2/SmolLM2-135M-Instruct",
+                   help="tokenizer spec: byte | tiktoken:<name> | HF checkpoint dir (default: the demo base model)")
     p.add_argument("--out_dir", default=None, help="default: data/memory/<tokenizer>_n<N>_s<seed>")
     p.add_argument("--force", action="store_true", help="rewrite even if already prepared with these args")
     args = p.parse_args()

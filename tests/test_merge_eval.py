@@ -1,0 +1,113 @@
+"""merge.py and eval.py: merged weights reproduce the adapter model for every mode, PEFT export, char accuracy."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval as evaluate
+import merge
+from helpers import MODE_ARGS, ROOT, run_train, write_stream
+from model import LLaMA
+
+
+@pytest.fixture(scope='module')
+def stream_ds(tmp_path_factory):
+    return write_stream(tmp_path_factory.mktemp('data') / 'stream')
+
+
+def logits(model, idx):
+    model.eval()
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+@pytest.mark.parametrize('mode', list(MODE_ARGS))
+def test_merged_model_equals_adapter_model(mode, stream_ds, tmp_path):
+    """Train 5 steps (restart modes merge at 2 and 4, so base and adapters both moved), then merge.py through its
+    command line: the HF dir loads strict into model.py with the adapter model's logits (fp32, 1e-5 relative)."""
+    run_train([f'--dataset={stream_ds}', '--max_iters=5', '--eval_interval=5', *MODE_ARGS[mode]], tmp_path / 'run')
+    adapted, _ = evaluate.load_run(tmp_path / 'run')
+    r = subprocess.run([sys.executable, 'merge.py', f'--out_dir={tmp_path / "run"}', f'--merged_dir={tmp_path / "m"}'],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    merged = LLaMA.from_pretrained(tmp_path / 'm')
+    idx = torch.randint(0, 258, (2, 24))
+    a, b = logits(adapted, idx), logits(merged, idx)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (a - b).abs().max()
+    transformers = pytest.importorskip('transformers')
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / 'm', torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        c = hf(idx).logits
+    assert (a - c).abs().max() <= 1e-4 * a.abs().max()
+
+
+def test_merge_refuses_twice_and_foreign_base(stream_ds, tmp_path):
+    run_train([f'--dataset={stream_ds}', '--max_iters=2', '--eval_interval=2', *MODE_ARGS['mora']], tmp_path / 'run')
+    merge.merge_run(tmp_path / 'run', tmp_path / 'm')
+    with pytest.raises(FileExistsError, match='merge twice'):
+        merge.merge_run(tmp_path / 'run', tmp_path / 'm')
+    ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
+    ckpt['config']['seed'] += 1  # a from-scratch base is its seed: another seed is another base
+    torch.save(ckpt, tmp_path / 'run' / 'ckpt.pt')
+    with pytest.raises(ValueError, match='fingerprint'):
+        merge.merge_run(tmp_path / 'run', tmp_path / 'm2')
+
+
+def test_peft_export_round_trip(stream_ds, tmp_path):
+    """A LoRA run on an HF base, exported in PEFT format, loads with peft.PeftModel with the same logits."""
+    peft = pytest.importorskip('peft')
+    transformers = pytest.importorskip('transformers')
+    base_dir = tmp_path / 'base'
+    run_train([f'--dataset={stream_ds}', '--max_iters=1', '--eval_interval=1', '--mode=full'], tmp_path / 'pre')
+    pre, _ = evaluate.load_run(tmp_path / 'pre')
+    pre.save_pretrained(base_dir)
+    args = [f'--dataset={stream_ds}', '--max_iters=3', '--eval_interval=3', '--mode=lora', f'--init_from={base_dir}',
+            '--tokenizer=byte', '--alpha=8.0']
+    run_train(args, tmp_path / 'run')
+    ours, _ = evaluate.load_run(tmp_path / 'run')
+    merge.export_peft(tmp_path / 'run', tmp_path / 'peft')
+    hf = transformers.LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, tmp_path / 'peft').eval()
+    idx = torch.randint(0, 258, (2, 24))
+    with torch.no_grad():
+        a, b = logits(ours, idx), hf(idx).logits
+    assert not torch.allclose(a, logits(pre, idx), atol=1e-4)  # the adapter did something
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+def test_char_score_golden():
+    value = '0f8fad5b-d9cb-469f-a165-70867728950e'
+    assert evaluate.char_score(value, value) == 1.0
+    assert evaluate.char_score('', value) == 0.0  # missing characters count as wrong
+    assert evaluate.char_score(value[:18], value) == 0.5
+    wrong = ''.join('x' if i % 4 == 0 else c for i, c in enumerate(value))  # 9 of 36 positions wrong
+    assert evaluate.char_score(wrong, value) == 27 / 36
+
+
+class Oracle(torch.nn.Module):
+    """A decoder that emits a fixed continuation per prompt: the true value, or a corrupted one."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers = answers
+
+    def generate(self, idx, max_new_tokens, temperature=0.0):
+        rows = [list(p) + self.answers[tuple(p)][:max_new_tokens] for p in idx.tolist()]
+        return torch.tensor([r + [0] * (idx.size(1) + max_new_tokens - len(r)) for r in rows])
+
+
+def test_char_accuracy_of_perfect_and_wrong_decoders():
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer('byte')
+    pairs = [{'key': k, 'value': v, 'prompt': [256] + tok.encode(k + ':')}
+             for k, v in [('a' * 36, '0f8fad5b-d9cb-469f-a165-70867728950e'), ('bb', '7c9e6679-7425-40de-944b-e07fc1f90ae7'),
+                          ('c', '16fd2706-8baf-433b-82eb-8c7fada847da')]]
+    perfect = Oracle({tuple(p['prompt']): tok.encode(p['value']) for p in pairs})
+    assert evaluate.char_accuracy(perfect, tok, pairs, 'cpu', batch_size=2) == 1.0
+    # every value shifted by one character: wrong wherever neighbours differ; the dashes never line up
+    shifted = Oracle({tuple(p['prompt']): tok.encode('-' + p['value']) for p in pairs})
+    expect = sum(evaluate.char_score('-' + p['value'], p['value']) for p in pairs) / 3
+    assert evaluate.char_accuracy(shifted, tok, pairs, 'cpu') == pytest.approx(expect)
+    assert expect < 0.2
