@@ -73,13 +73,6 @@ def _wrap(x, L):
     return x.unsqueeze(-2).expand(*x.shape[:-1], reps, k).flatten(-2)[..., :L]
 
 
-def _groups(n, r_hat, device):
-    """Index of the contiguous group of each of n positions: n mod r_hat groups of s+1 first, then groups of s."""
-    s, m = divmod(n, r_hat)
-    j, big = torch.arange(n, device=device), m * (s + 1)
-    return torch.where(j < big, j // (s + 1), m + (j - big) // max(s, 1))
-
-
 def _fold(x, r_hat):
     """C_fold: wrap-pad to n·r_hat, sum the n chunks -> (..., r_hat)."""
     n = -(-x.shape[-1] // r_hat)
@@ -173,17 +166,36 @@ def _fold_cols(X, k):
     return F.pad(X, (0, c * k - w)).unflatten(-1, (c, k)).sum(-2)
 
 
-def _blocks_add_(Wv, Bs, k):
-    """Wv (..., R, k) += the first R <= n·r_hat rows of blockdiag(Bs[0], Bs[1], ...), columns wrapped mod k."""
-    R, r_hat = Wv.shape[-2], Bs.shape[-1]
+def _rows_add_(W, X, tile):
+    """W[t] += X[row(t)] along dim 0, X (r_hat, ...) broadcasting over W's other dims. tile (D_tile): row t mod
+    r_hat; else (D_group): runs of s+1 equal rows for the first d mod r_hat rows of X, then runs of s."""
+    d, r_hat = W.shape[0], X.shape[0]
+    if tile:
+        full = d // r_hat * r_hat
+        W[:full].unflatten(0, (-1, r_hat)).add_(X)
+        W[full:].add_(X[:d - full])
+    else:
+        s, m = divmod(d, r_hat)
+        W[:m * (s + 1)].unflatten(0, (m, s + 1)).add_(X[:m, None])
+        W[m * (s + 1):].unflatten(0, (r_hat - m, s)).add_(X[m:, None])
+
+
+def _blocks_add_(Wv, M, Mbar, cos, sin, k):
+    """Wv (..., R, k) += the first R <= n·r_hat rows of blockdiag(B_0, B_1, ...), B_b = M·R_b = M cos_b + Mbar sin_b
+    (cos None: no rotation), columns wrapped mod k."""
+    R, r_hat = Wv.shape[-2], M.shape[0]
     f = min(-(-k // r_hat) - 1, R // r_hat)  # whole blocks that neither wrap nor get cut: one strided view
     if f:
         a = f * r_hat
         diag = Wv[..., :a, :a].unflatten(-1, (f, r_hat)).unflatten(-3, (f, r_hat)).diagonal(0, -4, -2)
-        diag.add_(Bs[:f].permute(1, 2, 0))  # diag: (..., r_hat, r_hat, f)
+        if cos is None:  # diag: (..., r_hat, r_hat, f), block b last
+            diag.add_(M[:, :, None])
+        else:
+            diag.addcmul_(M[:, :, None], cos[:f].T).addcmul_(Mbar[:, :, None], sin[:f].T)
     if R > f * r_hat:  # at most one more block: cut by R, or the last one whose padding wraps to column 0
         c0, rows = f * r_hat, min(R - f * r_hat, r_hat)
-        Wb, Bb = Wv[..., c0:c0 + rows, :], Bs[f, :rows]
+        Bb = (M if cos is None else M * cos[f] + Mbar * sin[f])[:rows]
+        Wb = Wv[..., c0:c0 + rows, :]
         Wb[..., c0:c0 + r_hat].add_(Bb[:, :k - c0])
         if c0 + r_hat > k:  # the padding's columns come from the start of x
             wrap = _fold_cols(Bb[:, k - c0:], k)
@@ -191,48 +203,42 @@ def _blocks_add_(Wv, Bs, k):
 
 
 def mora_add_(W: torch.Tensor, M: torch.Tensor, kind: str, alpha: float = 1.0) -> torch.Tensor:
-    """W (d, k) += alpha·ΔW in place, without building ΔW (SPEC 2.4; the merge path). Share kinds: compress M's
-    columns to MS (r_hat, k), add it onto row groups via broadcast views; rope/decouple: add the diagonal blocks
-    B_b = M·R_b through a strided view (touches ~k·r_hat entries per output period); truncate: one block."""
+    """W (d, k) += alpha·ΔW in place, without building ΔW (SPEC 2.4; the merge path): broadcast adds of M's
+    columns onto W's row/column structure (share kinds), or of the blocks M·R_b onto a strided diagonal view
+    (rope/decouple, ~k·r_hat entries per output period), or one block (truncate). Returns W."""
     d, k = W.shape
     r_hat = _check(M.shape[0], k, d, kind)
-    dev, M = M.device, M.to(W.dtype)
+    M = M.to(W.dtype)
     M = M * alpha if alpha != 1 else M
     if kind == "truncate":
         W[:r_hat, :r_hat] += M[:d, :k]
-        return W
-    if kind in ("rope", "decouple"):
+    elif kind in ("rope", "decouple"):
         n = -(-k // r_hat)
         L, nb = n * r_hat, min(n, -(-d // r_hat))  # L: period of the output tiling; nb: blocks that reach it
-        Bs = M.expand(nb, r_hat, r_hat)
+        cos = sin = Mbar = None
         if kind == "rope" and nb > 1:
-            cos, sin = _rope_tables(r_hat, nb, dev, M.dtype)
-            h = r_hat // 2
-            Mbar = torch.cat([M[:, h:], -M[:, :h]], dim=1)
-            Bs = M * cos[:, None, :] + Mbar * sin[:, None, :]  # (nb, r_hat, r_hat): M·R_b, column-wise rotation
+            cos, sin = _rope_tables(r_hat, nb, M.device, M.dtype)
+            Mbar = torch.cat([M[:, r_hat // 2:], -M[:, :r_hat // 2]], dim=1)  # M·R_b column-wise: M cos + Mbar sin
         P = d // L  # whole output periods (D_rope tiles with period L), then a partial one
         if P:
-            _blocks_add_(W[:P * L].unflatten(0, (P, L)), Bs, k)
+            _blocks_add_(W[:P * L].unflatten(0, (P, L)), M, Mbar, cos, sin, k)
         if d > P * L:
-            _blocks_add_(W[P * L:], Bs, k)
-        return W
-    if kind in ("share", "share_fold_group"):
-        # padded slot i (of n·r_hat) reads column i mod k and feeds M's column i mod r_hat: M tiled to width k,
-        # plus the padding's columns M[:, q:] folded onto the first columns
-        q = k % r_hat
-        MS = _fold_cols(M, k) if k <= r_hat else _wrap(M, k)
-        if k > r_hat and q:
-            MS[:, :r_hat - q] += M[:, q:]
-    else:
-        MS = M.index_select(1, _groups(k, r_hat, dev))
-    if kind in ("share", "share_group_tile"):  # D_tile: row t gets MS[t mod r_hat]
-        full = d // r_hat * r_hat
-        W[:full].unflatten(0, (-1, r_hat)).add_(MS)
-        W[full:].add_(MS[:d - full])
-    else:  # D_group: consecutive runs of s+1 (first d mod r_hat) then s equal rows
-        s, m = divmod(d, r_hat)
-        W[:m * (s + 1)].unflatten(0, (m, s + 1)).add_(MS[:m, None])
-        W[m * (s + 1):].unflatten(0, (r_hat - m, s)).add_(MS[m:, None])
+            _blocks_add_(W[P * L:], M, Mbar, cos, sin, k)
+    elif kind in ("share", "share_fold_group"):  # C_fold: column j gets M[:, j mod r_hat] (+ wrapped padding)
+        tile = kind == "share"
+        nf, q = divmod(k, r_hat)
+        if k <= r_hat:
+            _rows_add_(W, _fold_cols(M, k), tile)
+        else:
+            _rows_add_(W[:, :nf * r_hat].unflatten(1, (nf, r_hat)), M[:, None, :], tile)
+            if q:  # the last, partial chunk; its padding columns M[:, q:] read x's first r_hat - q features
+                _rows_add_(W[:, nf * r_hat:], M[:, :q], tile)
+                _rows_add_(W[:, :r_hat - q], M[:, q:], tile)
+    else:  # C_group: column j gets M[:, group(j)], runs of s+1 columns for the first k mod r_hat groups, then s
+        tile = kind == "share_group_tile"
+        s, m = divmod(k, r_hat)
+        _rows_add_(W[:, :m * (s + 1)].unflatten(1, (m, s + 1)), M[:, :m, None], tile)
+        _rows_add_(W[:, m * (s + 1):].unflatten(1, (r_hat - m, s)), M[:, m:, None], tile)
     return W
 
 
