@@ -32,7 +32,7 @@ def write_stream(path):
 def run_train(args, out_dir, tiny=True):
     """Run train.py in this process and return its globals (model, optimizer, ... as the run left them)."""
     argv, handler = sys.argv, signal.getsignal(signal.SIGINT)
-    sys.argv = ['train.py', *(TINY if tiny else []), f'--out_dir={out_dir}', *args]
+    sys.argv = ['train.py', *(TINY if tiny else []), *args, f'--out_dir={out_dir}']  # last: beats config files
     try:
         return runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
     finally:
