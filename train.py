@@ -286,12 +286,12 @@ if master:
             f"~{n_train * len(boosters_at(0)) // raw_model.config.n_layer:,} trained per booster")
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
         json.dump(config, f, indent=1)
-    if resume:  # drop what the interrupted run logged past its checkpoint; the eval at iter_num is redone
-        path = os.path.join(out_dir, 'metrics.jsonl')
-        keep = lambda row: row['iter'] < iter_num or (row['iter'] == iter_num and 'val_loss' not in row)
-        rows = [line for line in open(path) if keep(json.loads(line))] if os.path.exists(path) else []
-        with open(path, 'w') as f:
-            f.writelines(rows)
+    # a fresh run starts a new log; a resumed one drops what was logged past its checkpoint (that eval is redone)
+    path = os.path.join(out_dir, 'metrics.jsonl')
+    keep = lambda row: resume and (row['iter'] < iter_num or (row['iter'] == iter_num and 'val_loss' not in row))
+    rows = [line for line in open(path) if keep(json.loads(line))] if os.path.exists(path) else []
+    with open(path, 'w') as f:
+        f.writelines(rows)
 pairs = memory_pairs(ds, char_acc_pairs)
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter * (1 if mode == 'full' else 2 / 3)
 peak_flops = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
