@@ -3,6 +3,7 @@ Merge a trained run into its base and write a plain Hugging Face LLaMA directory
 
 $ python merge.py --out_dir=out/memory_mora --merged_dir=out/memory_mora/merged
 $ python merge.py --out_dir=out/memory_lora --peft_dir=out/memory_lora/peft      # PEFT adapter format
+$ python merge.py --out_dir=out/pretrain_mora --ranks=True      # rank of the learned dW per projection (Figure 5)
 
 The merge is a pure function of state dicts: base weights + the run's checkpoint -> merged weights that load
 strict into model.py and into transformers' LlamaForCausalLM. Settings (method, r, r_hat, kind per layer,
@@ -47,6 +48,20 @@ def merge_run(out_dir, merged_dir):
             shutil.copy(os.path.join(src, name), merged_dir)
     print(f"merged {len(ckpt['adapters'] or {})} adapted layers of {out_dir} (iter {ckpt['iter_num']}) into {merged_dir}")
     return merged_dir
+
+
+def delta_ranks(out_dir, threshold=0.1):
+    """MoRA Figure 5: per projection type, the mean number of singular values > threshold of the learned update
+    dW = merged W - base W (every mode alike: full, adapters, and restart modes' moved base plus adapters)."""
+    _, ckpt = load_run(out_dir)
+    base = build_model(ckpt['config']).state_dict()
+    merged = merged_state_dict(base, ckpt)
+    counts = {}
+    for k, w in merged.items():
+        if k.endswith('_proj.weight'):
+            s = torch.linalg.svdvals((w - base[k]).double())
+            counts.setdefault(k.split('.')[-2], []).append(int((s > threshold).sum()))
+    return {proj: sum(c) / len(c) for proj, c in counts.items()}
 
 
 def export_peft(out_dir, peft_dir):

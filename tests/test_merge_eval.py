@@ -93,8 +93,9 @@ class Oracle(torch.nn.Module):
         super().__init__()
         self.answers = answers
 
-    def generate(self, idx, max_new_tokens, temperature=0.0):
-        rows = [list(p) + self.answers[tuple(p)][:max_new_tokens] for p in idx.tolist()]
+    def generate(self, idx, max_new_tokens, temperature=0.0, pad=None):
+        pad = [0] * len(idx) if pad is None else pad.tolist()  # left padding: the prompt starts at pad[b]
+        rows = [p + self.answers[tuple(p[k:])][:max_new_tokens] for p, k in zip(idx.tolist(), pad)]
         return torch.tensor([r + [0] * (idx.size(1) + max_new_tokens - len(r)) for r in rows])
 
 
@@ -111,3 +112,36 @@ def test_char_accuracy_of_perfect_and_wrong_decoders():
     expect = sum(evaluate.char_score('-' + p['value'], p['value']) for p in pairs) / 3
     assert evaluate.char_accuracy(shifted, tok, pairs, 'cpu') == pytest.approx(expect)
     assert expect < 0.2
+
+
+def test_char_accuracy_left_padded_equals_per_row():
+    """A tiny random model, prompts of 5 lengths (pairs of equal ones) left-padded into shared batches: the same
+    score as decoding every prompt alone (what the per-length grouping computed). Values are each row's own greedy
+    text with j characters spoiled, so every row scores differently and a decode changed by padding moves the mean."""
+    from model import ModelConfig
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer('byte')
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig(vocab_size=258, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                              intermediate_size=96)).eval()
+    pairs = [{'prompt': [256] + tok.encode(k + ':')} for k in ['k', 'key7', 'kk', 'a-key', 'key8', 'zz', 'another']]
+    preds = []
+    for j, p in enumerate(pairs):
+        row = model.generate(torch.tensor([p['prompt']]), evaluate.UUID_LEN + 8)[0, len(p['prompt']):]
+        preds.append(tok.decode(row.tolist())[:evaluate.UUID_LEN])
+        p['value'] = ('#' * j + preds[-1][j:]).ljust(evaluate.UUID_LEN, '#')
+    expect = sum(evaluate.char_score(pred, p['value']) for pred, p in zip(preds, pairs)) / len(pairs)
+    assert expect > 0.8 and len(set(preds)) == len(preds)
+    for bs in (64, 3):  # one padded batch; chunks of 3 that mix lengths
+        assert evaluate.char_accuracy(model, tok, pairs, 'cpu', batch_size=bs) == expect
+
+
+def test_delta_ranks_follow_the_method(stream_ds, tmp_path):
+    """LoRA's learned dW has rank <= r; MoRA rope on a square layer can exceed it (SPEC 2.2)."""
+    ranks = {}
+    for mode in ('lora', 'mora'):
+        run_train([f'--dataset={stream_ds}', '--max_iters=4', '--eval_interval=4', *MODE_ARGS[mode]], tmp_path / mode)
+        ranks[mode] = merge.delta_ranks(tmp_path / mode, threshold=1e-6)
+    assert set(ranks['lora']) == {'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'}
+    assert all(0 < n <= 4 for n in ranks['lora'].values())  # r = 4
+    assert ranks['mora']['q_proj'] > 4
