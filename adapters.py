@@ -73,11 +73,14 @@ def _wrap(x, L):
     return x.unsqueeze(-2).expand(*x.shape[:-1], reps, k).flatten(-2)[..., :L]
 
 
-def _fold(x, r_hat):
-    """C_fold: wrap-pad to n·r_hat, sum the n chunks -> (..., r_hat)."""
-    n = -(-x.shape[-1] // r_hat)
-    x = _wrap(x, n * r_hat)
-    return x if n == 1 else x.unflatten(-1, (n, r_hat)).sum(-2)
+def _fold_cols(X, k):
+    """Cyclic fold of the last dim onto k columns: out[..., j] = sum of X[..., i] over i ≡ j (mod k)."""
+    w = X.shape[-1]
+    if w <= k:
+        return X
+    c = -(-w // k)
+    X = F.pad(X, (0, c * k - w)) if w % k else X
+    return X.unflatten(-1, (c, k)).sum(-2)
 
 
 def _group_sum(x, r_hat):
@@ -113,10 +116,8 @@ def _cached_rope_tables(r_hat, n, device, dtype):
 
 
 def _rope_tables(r_hat, n, device, dtype):
-    # eager: one build per (r_hat, n, device, dtype); compiled: traced from shapes (no cache, no graph break)
-    if torch.compiler.is_compiling():
-        return _build_rope_tables(r_hat, n, device, dtype)
-    return _cached_rope_tables(r_hat, n, torch.device(device), dtype)
+    """Eager: built once per (r_hat, n, device, dtype); compiled: traced from shapes (no cache, no graph break)."""
+    return (_build_rope_tables if torch.compiler.is_compiling() else _cached_rope_tables)(r_hat, n, device, dtype)
 
 
 def _rope_forward(x, M, d, rotate):
@@ -152,18 +153,12 @@ def mora_forward(x: torch.Tensor, M: torch.Tensor, out_features: int, kind: str)
         k2, d2 = min(k, r_hat), min(d, r_hat)
         y = F.linear(x[..., :k2], M[:d2, :k2])
         return F.pad(y, (0, d - d2)) if d > d2 else y
-    z = _fold(x, r_hat) if kind in ("share", "share_fold_group") else _group_sum(x, r_hat)
+    if kind in ("share", "share_fold_group"):  # C_fold: wrap-pad to n·r_hat, sum the n chunks
+        z = _fold_cols(_wrap(x, -(-k // r_hat) * r_hat), r_hat)
+    else:
+        z = _group_sum(x, r_hat)
     z = F.linear(z, M)
     return _wrap(z, d) if kind in ("share", "share_group_tile") else _group_expand(z, d)
-
-
-def _fold_cols(X, k):
-    """Cyclic fold of the last dim onto k columns: out[..., j] = sum of X[..., i] over i ≡ j (mod k)."""
-    w = X.shape[-1]
-    if w <= k:
-        return X
-    c = -(-w // k)
-    return F.pad(X, (0, c * k - w)).unflatten(-1, (c, k)).sum(-2)
 
 
 def _rows_add_(W, X, tile):

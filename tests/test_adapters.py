@@ -48,7 +48,7 @@ def randomize_(model, seed=1):
 @pytest.mark.skipif(not os.path.exists(FIXTURES), reason="shared fixtures not present")
 def test_reference_fixtures():
     cases = torch.load(FIXTURES, weights_only=True)
-    assert len(cases) == 55
+    assert len(cases) == 55 and sum("error" in c for c in cases) == 5  # SPEC 2.5 defects 1 and 2
     for c in cases:
         kind, k, d, M = A.MORA_TYPES[c["mora_type"]], c["in_features"], c["out_features"], c["M"]
         tag = f"{kind} {k}->{d} r={c['r']}"
@@ -170,6 +170,9 @@ def test_ranks():
     assert r_hat == 32
     D = A.mora_delta(torch.randn(r_hat, r_hat, generator=g, dtype=torch.float64), 64, 64, "rope")
     assert torch.linalg.matrix_rank(D) == 64  # rope reaches full rank; share kinds are capped at 32
+    # rope with k > d: only the first ceil(d/r_hat) chunks reach the output; later input features are dropped
+    D = A.mora_delta(torch.randn(40, 40, generator=g, dtype=torch.float64), 200, 12, "rope")
+    assert torch.count_nonzero(D[:, 40:]) == 0 and torch.count_nonzero(D[:, :40]) == 12 * 40
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
