@@ -132,6 +132,7 @@ def plot_curves(run_dirs, plot_file):
 
 
 if __name__ == '__main__':
+    import zipfile
     from configurator import configure
     from data import Dataset
     from tokenizer import load_tokenizer
@@ -150,9 +151,20 @@ if __name__ == '__main__':
     if plot:
         plot_curves(plot.split(','), plot_file)
         sys.exit(0)
-    model, ckpt = load_run(out_dir, device)
-    run = ckpt['config']
-    ds = Dataset(os.path.join('data', dataset or run['dataset']))
+
+    def die(msg):  # bad input (run dir, base, dataset): one line, exit 2, as train.py and configurator.py do
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if os.path.exists(path) and not zipfile.is_zipfile(path):  # torch.save writes a zip: a cut-off one has no directory
+        die(f"{path} is truncated or corrupted (not a complete torch.save archive)")
+    try:  # the expected failures of a missing or mismatched run, base or dataset; anything else keeps its traceback
+        model, ckpt = load_run(out_dir, device)
+        run = ckpt['config']
+        ds = Dataset(os.path.join('data', dataset or run['dataset']))
+        ds.check(model.config.vocab_size, run['block_size'], run['tokenizer'])
+    except (FileNotFoundError, ValueError) as e:
+        die(e)
     bs = batch_size or run['batch_size']
     loss = estimate_loss(model, ds, split, bs, run['block_size'], eval_iters, device)
     print(f"{out_dir} @ iter {ckpt['iter_num']}: {split} loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})")

@@ -90,6 +90,7 @@ def export_peft(out_dir, peft_dir):
 
 
 if __name__ == '__main__':
+    import zipfile
     from configurator import configure
     # -----------------------------------------------------------------------------
     out_dir = 'out'  # the run to merge (holds ckpt.pt)
@@ -97,8 +98,18 @@ if __name__ == '__main__':
     peft_dir = ''  # instead export the LoRA adapter in PEFT format here (mode='lora' runs)
     # -----------------------------------------------------------------------------
     configure(globals(), sys.argv[1:], __file__)
-    with torch.no_grad():
-        if peft_dir:
-            export_peft(out_dir, peft_dir)
-        else:
-            merge_run(out_dir, merged_dir or os.path.join(out_dir, 'merged'))
+
+    def die(msg):  # bad input (run dir, base, target dir): one line, exit 2, as train.py and configurator.py do
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if os.path.exists(path) and not zipfile.is_zipfile(path):  # torch.save writes a zip: a cut-off one has no directory
+        die(f"{path} is truncated or corrupted (not a complete torch.save archive)")
+    try:  # the expected failures of a missing or mismatched run or base; anything else keeps its traceback
+        with torch.no_grad():
+            if peft_dir:
+                export_peft(out_dir, peft_dir)
+            else:
+                merge_run(out_dir, merged_dir or os.path.join(out_dir, 'merged'))
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        die(e)

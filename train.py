@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -93,14 +94,38 @@ config = configure(globals(), sys.argv[1:], __file__)
 MODES = ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora')
 # keys a resumed run may change; any other difference is refused
 MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs', 'eval_only', 'resume',
-              'compile', 'device')
-if mode not in MODES:
-    sys.exit(f"error: mode must be one of {' | '.join(MODES)}, got {mode!r}")
+              'compile', 'device', 'out_dir')  # out_dir: a run dir that was moved or copied resumes as well
+
+
+def die(msg):  # bad input (config, data, base, checkpoint) is the user's to fix: one line, exit 2, no traceback
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def setup(fn, *args, **kwargs):  # a setup step: its expected failures (missing file, unfit value) become die()
+    try:
+        return fn(*args, **kwargs)
+    except (FileNotFoundError, ValueError) as e:
+        die(e)
+
+
+# checked before anything is built: string keys take one of their choices, numbers are >= 0 (sizes >= 1)
+CHOICES = {'mode': MODES, 'mora_kind': ('auto', *adapters.KINDS), 'remora_cycle': tuple(adapters.CYCLES),
+           'optimizer_reset': ('clear', 'prune'), 'lr_envelope': ('jagged', 'rewarm'),
+           'decay_lr': ('cosine', 'linear', 'constant'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
+            'eval_iters', 'booster_steps', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size')
+for k, v in config.items():
+    if k in CHOICES and v not in CHOICES[k]:
+        die(f"{k}={v!r} is not one of {' | '.join(CHOICES[k])}")
+    low = 1 if k in POSITIVE else -1 if k == 'char_acc_pairs' else 0
+    if type(v) in (int, float) and v < low:
+        die(f"{k}={v!r} must be >= {low}")
 restarts = mode in ('relora', 'remora') and merge_every > 0
 if merge_every and mode not in ('relora', 'remora'):
-    sys.exit(f"error: merge_every={merge_every} needs mode relora or remora, got mode={mode!r}")
-if mode == 'remora' and mora_kind not in ('auto', 'share', 'share_group', 'share_group_tile', 'share_fold_group'):
-    sys.exit(f"error: remora switches between share kinds; mora_kind={mora_kind!r} is not one (use share or share_group)")
+    die(f"merge_every={merge_every} needs mode relora or remora, got mode={mode!r}")
+if mode == 'remora' and mora_kind not in ('auto', *adapters.SHARE_KINDS):
+    die(f"remora switches between share kinds; mora_kind={mora_kind!r} is not one of {' | '.join(adapters.SHARE_KINDS)}")
 
 # derived settings (after overrides)
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -118,7 +143,8 @@ device_type = 'cuda' if 'cuda' in device else 'cpu'
 if dtype == 'auto':
     dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
 compile = device_type == 'cuda' if compile is None else compile
-assert gradient_accumulation_steps % world == 0, "gradient_accumulation_steps must be a multiple of the process count"
+if gradient_accumulation_steps % world:
+    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the process count {world}")
 grad_accum = gradient_accumulation_steps // world
 lr_decay_iters = lr_decay_iters or max_iters
 min_lr = min_lr or learning_rate / 10
@@ -132,8 +158,8 @@ log = print if master else (lambda *a, **k: None)
 
 # -----------------------------------------------------------------------------
 # data, base model, adapters
-ds = Dataset(os.path.join('data', dataset))
-tok = load_tokenizer(tokenizer or ('byte' if init_from == 'scratch' else init_from))
+ds = setup(Dataset, os.path.join('data', dataset))
+tok = setup(load_tokenizer, tokenizer or ('byte' if init_from == 'scratch' else init_from))
 config['tokenizer'] = tok.spec
 if init_from == 'scratch':
     # pad the vocab to a multiple of 64 for faster matmuls, as nanoGPT does
@@ -141,14 +167,23 @@ if init_from == 'scratch':
         vocab_size=(tok.n_vocab + 63) // 64 * 64, block_size=block_size, n_layer=n_layer, n_head=n_head,
         n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, rope_theta=rope_theta,
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
-model = build_model(config, device)
-ds.check(model.config.vocab_size, block_size, tok.spec)
+model = setup(build_model, config, device)
+if tok.n_vocab > model.config.vocab_size:
+    die(f"tokenizer {tok.spec!r} has {tok.n_vocab} tokens > model vocab_size {model.config.vocab_size} (tokenizer='': the base's)")
+setup(ds.check, model.config.vocab_size, block_size, tok.spec)
+if mode == 'xgblora' and booster_blocks > model.config.n_layer:
+    die(f"booster_blocks={booster_blocks} must be 0 (n_layer // 3) or 1..{model.config.n_layer} (the model's n_layer)")
 base_fingerprint = adapters.base_fingerprint(model.state_dict())
 method = {'full': None, 'lora': 'lora', 'relora': 'lora', 'mora': 'mora', 'remora': 'mora', 'xgblora': 'booster'}[mode]
 kind = mora_kind if mora_kind != 'auto' else 'share' if mode == 'remora' else adapters.default_kind(r)
 if method:
-    adapter_params = adapters.attach(model, method, targets, r=1 if method == 'booster' else r,
-                                     alpha=booster_scale if method == 'booster' else alpha, kind=kind, dropout=dropout)
+    adapter_params = setup(adapters.attach, model, method, targets, r=1 if method == 'booster' else r,
+                           alpha=booster_scale if method == 'booster' else alpha, kind=kind, dropout=dropout)
+    # an adapter whose rank (MoRA: r_hat = sqrt((in+out)*r)) exceeds max(in, out) is bigger than the weight it adapts
+    limit = min(max(k, d) ** 2 // (k + d) if method == 'mora' else max(k, d) for k, d in
+                ((s['in_features'], s['out_features']) for s in adapters.settings(model).values()))
+    if method != 'booster' and r > limit:
+        die(f"r={r} is too large for the adapted layers: allowed 1..{limit} (rank at most max(in, out))")
 else:
     adapter_params = []
 # in adapter modes, pretraining from scratch also trains embeddings, norms and head at full rank (never reset)
@@ -180,13 +215,18 @@ optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, 
 
 iter_num = 0
 if resume:
-    ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
-    changed = {k: (ckpt['config'].get(k), v) for k, v in config.items()
-               if ckpt['config'].get(k) != v and k not in MAY_CHANGE}
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: a cut-off file lacks its central directory
+        die(f"{path} is truncated or corrupted (not a complete torch.save archive)" if os.path.exists(path)
+            else f"no checkpoint at {path} to resume from (drop --resume=True to start a fresh run)")
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    changed = {k: (ckpt['config'].get(k), v) for k, v in config.items()  # model_config: through its shape keys
+               if ckpt['config'].get(k) != v and k not in (*MAY_CHANGE, 'model_config')}
     if changed:
-        sys.exit(f"error: cannot resume {out_dir} with a changed config: {changed} (old, new)")
+        die(f"cannot resume {out_dir} with a changed config: " + ', '.join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
+            changed.items()) + f" (a resume may change only {', '.join(MAY_CHANGE)})")
     if ckpt['base_fingerprint'] != base_fingerprint:
-        sys.exit(f"error: {out_dir}/ckpt.pt was trained on another base than {init_from}")
+        die(f"{path} was trained on another base than {init_from} (base fingerprint differs)")
     if mode == 'remora':  # the current kind of a ReMoRA run comes from the checkpoint, never from the config
         kind = next(iter(ckpt['adapters'].values()))['kind']
         adapters.switch_kind_(model, kind)
@@ -253,7 +293,12 @@ def save_checkpoint():
             'base_fingerprint': base_fingerprint,
             'rng': {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
     tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
-    torch.save(ckpt, tmp)
+    try:  # a failed write (disk full) leaves ckpt.pt as it was and no partial temp file behind
+        torch.save(ckpt, tmp)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        die(f"could not write {tmp} ({e}); {out_dir}/ckpt.pt still holds the previous checkpoint")
     os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
 
 
@@ -313,6 +358,8 @@ while True:
         log(f"eval {iter_num} | val loss {row['val_loss']:.4f}" + (f" | char_acc {100 * row['char_acc']:.1f}%" if pairs else ''))
         write_metrics(row)
         if iter_num > 0 and not eval_only:
+            if not math.isfinite(row['val_loss']):  # never replace the last good checkpoint with a diverged model
+                die(f"non-finite val loss at iter {iter_num}; not saved, {out_dir}/ckpt.pt keeps the last good state")
             save_checkpoint()
         t_eval += time.time()
     if iter_num >= max_iters or eval_only or stop_requested:
@@ -364,10 +411,12 @@ while True:
     if iter_num % log_interval == 0 and ddp:  # the logged loss is the global batch's, as with one process
         dist.all_reduce(loss_sum)
         loss_sum /= world
+    # a non-finite loss stops the run before any save, so ckpt.pt keeps the last good state. .item() waits for the
+    # device: on CUDA that sync would stall every step, so check at log intervals only, where the log line syncs anyway
+    if (device_type == 'cpu' or iter_num % log_interval == 0) and not math.isfinite(loss_sum.item()):
+        die(f"non-finite loss at iter {iter_num}; {out_dir}/ckpt.pt keeps the last good state (lower learning_rate?)")
     if iter_num % log_interval == 0 and master:
         loss_val = loss_sum.item() / grad_accum
-        if not math.isfinite(loss_val):
-            sys.exit(f"error: non-finite loss {loss_val} at iter {iter_num}; the last good checkpoint in {out_dir} is kept")
         dt = (time.time() - t_log - t_eval) / log_interval  # .item() above waited for the device
         t_log, t_eval = time.time(), 0.0
         eta = dt * (max_iters - iter_num)
