@@ -48,23 +48,26 @@ def char_score(pred, value):
 def char_accuracy(model, tokenizer, pairs, device, ctx=nullcontext(), batch_size=64, max_new_tokens=None):
     """Memory task (SPEC 5.1): greedy-decode after `key:` and score the first 36 characters against the value.
     pairs: dicts with 'value' and 'prompt' (token ids, BOS included) as written by data/memory/prepare.py.
-    Prompts of equal token length are decoded together, so no padding enters the computation."""
+    Prompts of different lengths share one decode via left padding (model.generate's pad): each row keeps its
+    own positions and never attends to padding, so its tokens are those it would get decoded alone."""
     was_training = model.training
     model.eval()
     # a uuid is about one token per character; leave slack for tokens that are shorter than that
     max_new_tokens = max_new_tokens or UUID_LEN + 8
-    by_len = {}
-    for i, p in enumerate(pairs):
-        by_len.setdefault(len(p['prompt']), []).append(i)
+    # sorted by length, so each chunk's rows are close in length and padding stays small
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]['prompt']))
     scores = [0.0] * len(pairs)
-    for n, idxs in sorted(by_len.items()):
-        for s in range(0, len(idxs), batch_size):
-            chunk = idxs[s:s + batch_size]
-            prompt = torch.tensor([pairs[i]['prompt'] for i in chunk], dtype=torch.long, device=device)
-            with ctx:
-                out = model.generate(prompt, max_new_tokens, temperature=0.0)
-            for i, row in zip(chunk, out[:, n:].tolist()):
-                scores[i] = char_score(tokenizer.decode(row)[:UUID_LEN], pairs[i]['value'])
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        lens = [len(pairs[i]['prompt']) for i in chunk]
+        n = max(lens)
+        prompt = torch.tensor([[0] * (n - m) + pairs[i]['prompt'] for i, m in zip(chunk, lens)],
+                              dtype=torch.long, device=device)  # (B, n), left-padded with id 0
+        pad = torch.tensor([n - m for m in lens], dtype=torch.long, device=device)
+        with ctx:
+            out = model.generate(prompt, max_new_tokens, temperature=0.0, pad=pad)
+        for i, row in zip(chunk, out[:, n:].tolist()):
+            scores[i] = char_score(tokenizer.decode(row)[:UUID_LEN], pairs[i]['value'])
     model.train(was_training)
     return sum(scores) / max(len(scores), 1)
 

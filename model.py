@@ -81,7 +81,7 @@ def rope_tables(config: ModelConfig):
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, nh, T, hd); cos/sin: (T, hd). HF's rotate_half convention."""
+    """x: (B, nh, T, hd); cos/sin: (T, hd), or (B, 1, T, hd) for per-row positions. HF's rotate_half convention."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -97,7 +97,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(config.n_embd, self.nkv * self.hd)
         self.o_proj = Linear(self.nh * self.hd, config.n_embd)
 
-    def forward(self, x, cos, sin, cache=None, pos=0):
+    def forward(self, x, cos, sin, cache=None, pos=0, mask=None):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
@@ -107,14 +107,13 @@ class Attention(nn.Module):
             # write this chunk into the preallocated (B, nkv, T_max, hd) buffers, attend over everything so far
             assert pos == 0 or T == 1, "the cache takes a prefill at pos 0, then one token at a time"
             ck, cv = cache
-            ck[:, :, pos:pos + T] = k
-            cv[:, :, pos:pos + T] = v
+            ck[:, :, pos:pos + T], cv[:, :, pos:pos + T] = k, v
             k, v = ck[:, :, :pos + T], cv[:, :, :pos + T]
         if self.nkv != self.nh:
             # GQA: each kv head serves nh / nkv consecutive query heads
             k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, T', hd)
             v = v.repeat_interleave(self.nh // self.nkv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)         # (B, T, nh*hd)
         return self.o_proj(y)
 
@@ -138,8 +137,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None, pos=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos)
+    def forward(self, x, cos, sin, cache=None, pos=0, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -177,15 +176,23 @@ class LLaMA(nn.Module):
                 is_res = name.endswith(("o_proj.weight", "down_proj.weight"))
                 nn.init.normal_(p, mean=0.0, std=std_res if is_res else 0.02)
 
-    def forward(self, idx, targets=None, cache=None, pos=0):
+    def forward(self, idx, targets=None, cache=None, pos=0, pad=None):
         """idx (B, T) -> logits (B, T, vocab) float, loss (mean CE over targets != -100) or None.
-        cache: per-layer (k, v) buffers from new_cache() (generate only); pos: position of idx[:, 0]."""
+        cache: per-layer (k, v) buffers from new_cache() (generate only); pos: position of idx[:, 0];
+        pad: None, or (B,) counts of left-padding tokens: row b's real tokens get positions index - pad[b]."""
         B, T = idx.shape
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]  # (T, hd)
+        cos, sin, mask = self.cos[pos:pos + T], self.sin[pos:pos + T], None  # (T, hd)
+        if pad is not None:
+            q = torch.arange(pos, pos + T, device=idx.device)[:, None]  # (T, 1) absolute query indices
+            p = (q.T - pad[:, None]).clamp(min=0)  # (B, T) rope positions
+            cos, sin = self.cos[p].unsqueeze(1), self.sin[p].unsqueeze(1)  # (B, 1, T, hd)
+            j = torch.arange(pos + T, device=idx.device)  # key indices
+            # causal, no padding keys; a padding query sees only itself, so no softmax row is all -inf (NaN)
+            mask = ((j <= q) & ((j >= pad[:, None, None]) | (j == q))).unsqueeze(1)  # (B, 1, T, pos + T)
         x = self.embed_tokens(idx)  # (B, T, C)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, None if cache is None else cache[i], pos)
+            x = block(x, cos, sin, None if cache is None else cache[i], pos, mask)
         if cache is not None:
             x = x[:, -1:]  # decoding needs only the last position's logits: skip the head on the prompt
         logits = self.lm_head(self.norm(x)).float()  # (B, T, vocab), (B, 1, vocab) with a cache
@@ -201,15 +208,15 @@ class LLaMA(nn.Module):
         return [(p.new_zeros(B, a.nkv, T_max, a.hd), p.new_zeros(B, a.nkv, T_max, a.hd)) for _ in self.layers]
 
     @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, pad=None):
         """Continue idx (B, T) by max_new_tokens -> (B, T + max_new_tokens). Greedy when temperature == 0.
-        Prefills the prompt once, then feeds one token per step through a preallocated KV cache."""
+        Prefills the prompt once, then feeds one token per step through a preallocated KV cache. pad: optional
+        (B,) LongTensor, row b starts with pad[b] left-padding tokens (any id, never attended; see forward)."""
         B, T = idx.shape
         assert T + max_new_tokens <= self.config.block_size, "prompt + new tokens exceed block_size"
         cache = self.new_cache(B, T + max_new_tokens)
-        out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
-        out[:, :T] = idx
-        logits, _ = self(idx, cache=cache, pos=0)
+        out = F.pad(idx.long(), (0, max_new_tokens))  # (B, T + max_new_tokens), the tail written below
+        logits, _ = self(idx, cache=cache, pos=0, pad=pad)
         for t in range(T, T + max_new_tokens):
             logits = logits[:, -1, :]  # (B, vocab)
             if temperature == 0.0:
@@ -222,7 +229,7 @@ class LLaMA(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             out[:, t:t + 1] = nxt
             if t + 1 < T + max_new_tokens:  # the last token needs no forward
-                logits, _ = self(nxt, cache=cache, pos=t)
+                logits, _ = self(nxt, cache=cache, pos=t, pad=pad)
         return out
 
     def num_params(self):

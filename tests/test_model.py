@@ -1,5 +1,6 @@
 """Tests for model.py: logits parity with transformers both ways, bit-exact save/load, causality, KV cache,
-refusals of checkpoints the model cannot represent, sharded loading, compile without graph breaks.
+refusals of checkpoints the model cannot represent, sharded loading, compile without graph breaks,
+left-padded batched generate == per-row generate.
     python -m pytest -q tests/test_model.py
 """
 import dataclasses
@@ -196,6 +197,45 @@ def test_generate_matches_naive_loop(kw):
     torch.manual_seed(1)
     sampled = model.generate(idx, 5, temperature=1.0, top_k=3)
     assert sampled.shape == (3, 12) and 0 <= sampled.min() and sampled.max() < 97
+
+
+def decode_logits(model, seq, T, pad=None):
+    """Prefill seq[:, :T] through a KV cache, then feed seq[:, T:-1] a token at a time: the last step's logits."""
+    cache = model.new_cache(seq.size(0), seq.size(1))
+    with torch.no_grad():
+        logits, _ = model(seq[:, :T], cache=cache, pos=0, pad=pad)
+        for t in range(T, seq.size(1) - 1):
+            logits, _ = model(seq[:, t:t + 1], cache=cache, pos=t, pad=pad)
+    return logits[:, -1]  # (B, vocab)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=4)])
+def test_generate_left_padded_equals_per_row(kw):
+    """Rows of 3 prompt lengths, left-padded into one batch (junk pad ids), decode as each row alone does."""
+    model = random_model(**kw)
+    prompts = [torch.randint(0, 97, (n,)) for n in (9, 4, 7, 4)]
+    T, N = 9, 10
+    pad = torch.tensor([T - len(p) for p in prompts])
+    idx = torch.stack([torch.cat([torch.randint(0, 97, (T - len(p),)), p]) for p in prompts])
+    seen = []  # the cos table each attention call gets: row b's real tokens sit at rope positions 0, 1, ...
+    hook = model.layers[0].self_attn.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    out = model.generate(idx, N, pad=pad)
+    hook.remove()
+    assert torch.equal(out[:, :T], idx)
+    for b, p in enumerate(prompts):
+        assert torch.equal(seen[0][b, 0, pad[b]:], model.cos[:len(p)])  # prefill
+        assert torch.equal(seen[-1][b, 0, 0], model.cos[len(p) + N - 2])  # the last decode step
+    last = decode_logits(model, out, T, pad)
+    for b, p in enumerate(prompts):
+        alone = model.generate(p[None], N)
+        assert torch.equal(out[b, T:], alone[0, len(p):]), b
+        diff = (last[b] - decode_logits(model, alone, len(p))[0]).abs().max().item()
+        assert diff <= 1e-5, (b, diff)
+    assert len({tuple(r) for r in out[:, T:].tolist()}) == 4 and len(set(out[0, T:].tolist())) > 2  # not degenerate
+    # other junk pad ids change nothing; the same batch without pad does change the logits
+    seq2 = torch.where(torch.arange(T + N) < pad[:, None], (out + 1) % 97, out)
+    assert (decode_logits(model, seq2, T, pad) - last).abs().max() <= 1e-6
+    assert not torch.allclose(decode_logits(model, out, T), last, atol=1e-2)
 
 
 def test_init_and_counts():
