@@ -96,6 +96,7 @@ if __name__ == '__main__':
     out_dir = 'out'  # the run to merge (holds ckpt.pt)
     merged_dir = ''  # write the merged HF model here ('' = <out_dir>/merged)
     peft_dir = ''  # instead export the LoRA adapter in PEFT format here (mode='lora' runs)
+    ranks = False  # instead print the singular values > 0.1 of the learned dW per projection type
     # -----------------------------------------------------------------------------
     configure(globals(), sys.argv[1:], __file__)
 
@@ -107,7 +108,10 @@ if __name__ == '__main__':
         die(f"{path} is truncated or corrupted (not a complete torch.save archive)")
     try:  # the expected failures of a missing or mismatched run or base; anything else keeps its traceback
         with torch.no_grad():
-            if peft_dir:
+            if ranks:
+                print(f"{out_dir}: singular values > 0.1 of the learned dW, mean over layers: "
+                      + ", ".join(f"{proj} {n:.1f}" for proj, n in delta_ranks(out_dir).items()))
+            elif peft_dir:
                 export_peft(out_dir, peft_dir)
             else:
                 merge_run(out_dir, merged_dir or os.path.join(out_dir, 'merged'))
