@@ -431,6 +431,7 @@ if stop_requested and master:
     save_checkpoint()
     log(f"interrupted: saved {out_dir}/ckpt.pt at iter {iter_num}; continue with --resume=True")
 if ddp:
+    dist.barrier()  # teardown together: a rank that leaves while rank 0 still evals and saves aborts gloo
     dist.destroy_process_group()
 if stop_requested:
     sys.exit(130)
