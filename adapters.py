@@ -120,16 +120,27 @@ def _rope_tables(r_hat, n, device, dtype):
     return (_build_rope_tables if torch.compiler.is_compiling() else _cached_rope_tables)(r_hat, n, device, dtype)
 
 
+def _rope_blocks(M, nb):
+    """B_i = M·R_i for the chunks i < nb, (nb, r_hat, r_hat): (M·R_i)[:, c] = M[:, c]·cos(iθ_c) + M̄[:, c]·sin(iθ_c),
+    M̄ = [M[:, h:], -M[:, :h]] (rotate-half pairing (m, m + h), h = r_hat/2; SPEC 2.4)."""
+    r_hat = M.shape[0]
+    cos, sin = _rope_tables(r_hat, nb, M.device, M.dtype)
+    Mbar = torch.cat([M[:, r_hat // 2:], -M[:, :r_hat // 2]], dim=1)
+    return M * cos[:, None, :] + Mbar * sin[:, None, :]
+
+
 def _rope_forward(x, M, d, rotate):
     r_hat = M.shape[0]
     n = -(-x.shape[-1] // r_hat)
     nb = min(n, -(-d // r_hat))  # only chunks whose outputs survive the cut at d are computed
-    xc = _wrap(x, nb * r_hat).unflatten(-1, (nb, r_hat))  # (..., nb, r_hat)
     if rotate and nb > 1:
-        cos, sin = _rope_tables(r_hat, nb, x.device, x.dtype)
-        x1, x2 = xc.chunk(2, dim=-1)
-        xc = xc * cos + torch.cat([-x2, x1], dim=-1) * sin  # rotate-half pairing (m, m + r_hat/2)
-    return _wrap(F.linear(xc, M).flatten(-2), d)  # one matmul over all chunks; tile with period n·r_hat
+        # y_i = M (R_i x_i) = (M R_i) x_i: rotating M costs nb·r_hat² per call, rotating x several passes over the
+        # activations; then one batched matmul over the chunks
+        xc = _wrap(x, nb * r_hat).reshape(-1, nb, r_hat).transpose(0, 1)  # (nb, N, r_hat)
+        y = torch.bmm(xc, _rope_blocks(M, nb).mT).transpose(0, 1).reshape(*x.shape[:-1], nb * r_hat)
+    else:  # one shared M: one plain matmul over all chunks
+        y = F.linear(_wrap(x, nb * r_hat).unflatten(-1, (nb, r_hat)), M).flatten(-2)
+    return _wrap(y, d)  # D_rope: tile with period n·r_hat, cut to d
 
 
 def mora_forward(x: torch.Tensor, M: torch.Tensor, out_features: int, kind: str) -> torch.Tensor:
@@ -175,21 +186,17 @@ def _rows_add_(W, X, tile):
         W[m * (s + 1):].unflatten(0, (r_hat - m, s)).add_(X[m:, None])
 
 
-def _blocks_add_(Wv, M, Mbar, cos, sin, k):
-    """Wv (..., R, k) += the first R <= n·r_hat rows of blockdiag(B_0, B_1, ...), B_b = M·R_b = M cos_b + Mbar sin_b
-    (cos None: no rotation), columns wrapped mod k."""
-    R, r_hat = Wv.shape[-2], M.shape[0]
+def _blocks_add_(Wv, Bs, k):
+    """Wv (..., R, k) += the first R <= n·r_hat rows of blockdiag(Bs[0], Bs[1], ...), columns wrapped mod k."""
+    R, r_hat = Wv.shape[-2], Bs.shape[-1]
     f = min(-(-k // r_hat) - 1, R // r_hat)  # whole blocks that neither wrap nor get cut: one strided view
     if f:
         a = f * r_hat
         diag = Wv[..., :a, :a].unflatten(-1, (f, r_hat)).unflatten(-3, (f, r_hat)).diagonal(0, -4, -2)
-        if cos is None:  # diag: (..., r_hat, r_hat, f), block b last
-            diag.add_(M[:, :, None])
-        else:
-            diag.addcmul_(M[:, :, None], cos[:f].T).addcmul_(Mbar[:, :, None], sin[:f].T)
+        diag.add_(Bs[:f].permute(1, 2, 0))  # diag: (..., r_hat, r_hat, f), block b last
     if R > f * r_hat:  # at most one more block: cut by R, or the last one whose padding wraps to column 0
         c0, rows = f * r_hat, min(R - f * r_hat, r_hat)
-        Bb = (M if cos is None else M * cos[f] + Mbar * sin[f])[:rows]
+        Bb = Bs[f, :rows]
         Wb = Wv[..., c0:c0 + rows, :]
         Wb[..., c0:c0 + r_hat].add_(Bb[:, :k - c0])
         if c0 + r_hat > k:  # the padding's columns come from the start of x
@@ -210,15 +217,12 @@ def mora_add_(W: torch.Tensor, M: torch.Tensor, kind: str, alpha: float = 1.0) -
     elif kind in ("rope", "decouple"):
         n = -(-k // r_hat)
         L, nb = n * r_hat, min(n, -(-d // r_hat))  # L: period of the output tiling; nb: blocks that reach it
-        cos = sin = Mbar = None
-        if kind == "rope" and nb > 1:
-            cos, sin = _rope_tables(r_hat, nb, M.device, M.dtype)
-            Mbar = torch.cat([M[:, r_hat // 2:], -M[:, :r_hat // 2]], dim=1)  # M·R_b column-wise: M cos + Mbar sin
+        Bs = _rope_blocks(M, nb) if kind == "rope" and nb > 1 else M.expand(nb, r_hat, r_hat)  # B_b = M·R_b
         P = d // L  # whole output periods (D_rope tiles with period L), then a partial one
         if P:
-            _blocks_add_(W[:P * L].unflatten(0, (P, L)), M, Mbar, cos, sin, k)
+            _blocks_add_(W[:P * L].unflatten(0, (P, L)), Bs, k)
         if d > P * L:
-            _blocks_add_(W[P * L:], M, Mbar, cos, sin, k)
+            _blocks_add_(W[P * L:], Bs, k)
     elif kind in ("share", "share_fold_group"):  # C_fold: column j gets M[:, j mod r_hat] (+ wrapped padding)
         tile = kind == "share"
         nf, q = divmod(k, r_hat)
