@@ -69,7 +69,7 @@ def _load(spec: str) -> Tokenizer:
         try:
             enc = tiktoken.get_encoding(name)
         except Exception as e:  # tiktoken fetches the BPE file over HTTP on first use, then caches it
-            raise RuntimeError(f"tiktoken encoding {name!r} is downloaded on first use and could not be fetched: "
+            raise ConnectionError(f"tiktoken encoding {name!r} is downloaded on first use and could not be fetched: "
                                f"this machine appears offline (set TIKTOKEN_CACHE_DIR to a cache that has it). "
                                f"Cause: {type(e).__name__}: {e}") from e
         # the OpenAI encodings have an end-of-text token and no BOS (nanoGPT's usage)

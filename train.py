@@ -6,6 +6,7 @@ $ python train.py config/memory_lora.py --max_iters=100       # config file, the
 $ torchrun --standalone --nproc_per_node=2 train.py config/pretrain_remora.py   # DDP
 $ python train.py --help                                      # every key with its comment
 """
+import functools
 import json
 import math
 import os
@@ -37,6 +38,7 @@ log_interval = 10  # iterations between log lines
 eval_iters = 20  # val batches per loss estimate (fixed order: the same number every time)
 char_acc_pairs = 0  # memory datasets: pairs scored by greedy decoding at each eval (0 = off, -1 = all)
 eval_only = False  # evaluate once and exit
+note = ''  # printed at the start and the end of the run (configs say there what the run does and does not show)
 resume = False  # continue the run in out_dir exactly where its checkpoint stopped
 init_from = 'scratch'  # 'scratch' or an HF checkpoint dir (e.g. data/smollm2/SmolLM2-135M-Instruct)
 # data
@@ -94,7 +96,7 @@ config = configure(globals(), sys.argv[1:], __file__)
 MODES = ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora')
 # keys a resumed run may change; any other difference is refused
 MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs', 'eval_only', 'resume',
-              'compile', 'device', 'out_dir')  # out_dir: a run dir that was moved or copied resumes as well
+              'compile', 'device', 'out_dir', 'note')  # out_dir: a run dir that was moved or copied resumes as well
 
 
 def die(msg):  # bad input (config, data, base, checkpoint) is the user's to fix: one line, exit 2, no traceback
@@ -102,10 +104,10 @@ def die(msg):  # bad input (config, data, base, checkpoint) is the user's to fix
     sys.exit(2)
 
 
-def setup(fn, *args, **kwargs):  # a setup step: its expected failures (missing file, unfit value) become die()
+def setup(fn, *args, **kwargs):  # a setup step: its expected failures (missing file, offline, unfit value) become die()
     try:
         return fn(*args, **kwargs)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         die(e)
 
 
@@ -154,7 +156,7 @@ torch.backends.cudnn.allow_tf32 = True
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-log = print if master else (lambda *a, **k: None)
+log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)  # flushed: tee and nohup show progress
 
 # -----------------------------------------------------------------------------
 # data, base model, adapters
@@ -326,6 +328,8 @@ if master:
     log(f"torch {torch.__version__} | device {device} | dtype {dtype} | compile {compile} | world {world} | git {sha or '?'}")
     log("config: " + json.dumps({k: v for k, v in config.items() if k != 'model_config'}))
     log(f"trainable params: {n_train:,} / {n_total:,} ({100 * n_train / n_total:.2f}%) | tokens per iter: {tokens_per_iter:,}")
+    if note:
+        log(f"note: {note}")
     if method == 'booster':
         log(f"xgblora: {n_train:,} booster params on {len(adapted_weights)} layers, "
             f"~{n_train * len(boosters_at(0)) // raw_model.config.n_layer:,} trained per booster")
@@ -345,7 +349,8 @@ if method == 'booster':
     adapters.set_gates_(raw_model, boosters_at(iter_num))
     boosters = [(int(name.split('.')[1]), m.adapter) for name, m in raw_model.named_modules()
                 if getattr(m, 'adapter', None) is not None]  # (block index, booster) of every layers.<i>.* module
-t_log, t_eval = time.time(), 0.0  # start of the log interval; seconds of it spent in evals (not counted)
+t_start = t_log = time.time()  # t_log: start of the log interval
+t_eval = 0.0  # seconds of the log interval spent in evals (not counted in ms/iter)
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -355,7 +360,8 @@ while True:
         row = {'iter': iter_num, 'val_loss': estimate_loss(raw_model, ds, 'val', batch_size, block_size, eval_iters, device, ctx)}
         if pairs:
             row['char_acc'] = char_accuracy(raw_model, tok, pairs, device, ctx)
-        log(f"eval {iter_num} | val loss {row['val_loss']:.4f}" + (f" | char_acc {100 * row['char_acc']:.1f}%" if pairs else ''))
+        evals = f"val loss {row['val_loss']:.4f}" + (f" | char_acc {100 * row['char_acc']:.1f}%" if pairs else '')
+        log(f"eval {iter_num} | {evals}")
         write_metrics(row)
         if iter_num > 0 and not eval_only:
             if not math.isfinite(row['val_loss']):  # never replace the last good checkpoint with a diverged model
@@ -430,6 +436,9 @@ while True:
 if stop_requested and master:
     save_checkpoint()
     log(f"interrupted: saved {out_dir}/ckpt.pt at iter {iter_num}; continue with --resume=True")
+elif master and not eval_only:
+    log(f"done: {iter_num} iters in {(time.time() - t_start) / 60:.1f} min | {evals} | checkpoint {out_dir}/ckpt.pt"
+        + (f"\nnote: {note}" if note else ''))
 if ddp:
     dist.barrier()  # teardown together: a rank that leaves while rank 0 still evals and saves aborts gloo
     dist.destroy_process_group()

@@ -124,6 +124,17 @@ def test_model_and_adapter_errors(stream_ds, tmp_path, capsys):
     fails(capsys, train(f'--init_from={small}'), "tokenizer 'byte' has 258 tokens > model vocab_size 256")
 
 
+def test_offline_tiktoken_is_one_line(stream_ds, tmp_path, capsys, monkeypatch):
+    import tokenizer
+    def offline(name):
+        raise ConnectionError('no route to host')
+    monkeypatch.setattr(tokenizer.tiktoken, 'get_encoding', offline)
+    tokenizer._load.cache_clear()
+    fails(capsys, lambda: run_train([f'--dataset={stream_ds}', '--max_iters=1', '--tokenizer=tiktoken:gpt2'], tmp_path),
+          "tiktoken encoding 'gpt2' is downloaded on first use", 'offline')
+    tokenizer._load.cache_clear()
+
+
 def test_foreign_base_is_refused_by_resume_eval_and_merge(stream_ds, run_dir, capsys):
     ckpt = torch.load(run_dir / 'ckpt.pt', weights_only=True)
     ckpt['base_fingerprint'] = '0' * len(ckpt['base_fingerprint'])
