@@ -109,25 +109,29 @@ def load_run(out_dir, device='cpu'):
     return model, ckpt
 
 
+PANELS = {'loss': 'train loss', 'val_loss': 'val loss', 'char_acc': 'char accuracy (greedy, 36 chars)'}
+
+
 def plot_curves(run_dirs, plot_file):
-    """Loss and char_acc against step for each run's metrics.jsonl, side by side, to a PNG."""
+    """Train loss, val loss and (memory runs) char_acc against step for each run's metrics.jsonl, to one PNG."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("error: --plot needs matplotlib (pip install matplotlib)")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    runs = {}
     for run in run_dirs:
         with open(os.path.join(run, 'metrics.jsonl')) as f:
-            rows = [json.loads(line) for line in f]
-        label = os.path.basename(os.path.normpath(run))
-        for ax, key in zip(axes, ('loss', 'char_acc')):
+            runs[os.path.basename(os.path.normpath(run))] = [json.loads(line) for line in f]
+    keys = [k for k in PANELS if any(k in r for rows in runs.values() for r in rows)]  # panels some run has
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, rows in runs.items():
             pts = [(r['iter'], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), label=label, marker='o' if key == 'char_acc' else None, ms=3)
-    for ax, title in zip(axes, ('train loss', 'char accuracy (greedy, 36 chars)')):
-        ax.set_xlabel('step'); ax.set_title(title); ax.grid(alpha=0.3); ax.legend()
+            if pts:  # evals are sparse: mark their points
+                ax.plot(*zip(*pts), label=label, marker=None if key == 'loss' else 'o', ms=3)
+        ax.set_xlabel('step'); ax.set_title(PANELS[key]); ax.grid(alpha=0.3); ax.legend()
     os.makedirs(os.path.dirname(plot_file) or '.', exist_ok=True)
     fig.tight_layout()
     fig.savefig(plot_file, dpi=120)

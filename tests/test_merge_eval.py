@@ -1,4 +1,5 @@
 """merge.py and eval.py: merged weights reproduce the adapter model for every mode, PEFT export, char accuracy."""
+import json
 import os
 import subprocess
 import sys
@@ -145,3 +146,24 @@ def test_delta_ranks_follow_the_method(stream_ds, tmp_path):
     assert set(ranks['lora']) == {'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'}
     assert all(0 < n <= 4 for n in ranks['lora'].values())  # r = 4
     assert ranks['mora']['q_proj'] > 4
+
+
+def test_plot_draws_the_panels_the_runs_have(tmp_path, monkeypatch):
+    """eval.py --plot: one panel per metric some run logged (a memory run adds char_acc), a real PNG; without
+    matplotlib a one-line message instead of a traceback."""
+    pytest.importorskip('matplotlib')
+    import matplotlib.pyplot as plt
+    rows = {'pretrain': [{'iter': 0, 'val_loss': 5.0}, {'iter': 10, 'loss': 4.0}, {'iter': 10, 'val_loss': 4.1}],
+            'memory': [{'iter': 0, 'val_loss': 3.0, 'char_acc': 0.02}, {'iter': 5, 'loss': 2.0}]}
+    for name, rs in rows.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rs))
+    panels = []
+    monkeypatch.setattr(plt, 'subplots', lambda *a, real=plt.subplots, **k: panels.append(a[1]) or real(*a, **k))
+    evaluate.plot_curves([str(tmp_path / 'pretrain')], str(tmp_path / 'a.png'))
+    evaluate.plot_curves([str(tmp_path / 'pretrain'), str(tmp_path / 'memory')], str(tmp_path / 'b.png'))
+    assert panels == [2, 3]  # loss + val_loss; + char_acc
+    assert (tmp_path / 'b.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import fails as if it were not installed
+    with pytest.raises(SystemExit, match='needs matplotlib'):
+        evaluate.plot_curves([str(tmp_path / 'pretrain')], str(tmp_path / 'c.png'))
