@@ -126,6 +126,21 @@ def test_compiled_training_has_no_graph_breaks(stream_ds, tmp_path):
     assert explain.graph_break_count == 0, explain.break_reasons
 
 
+@pytest.mark.parametrize('mode', ['relora', 'remora'])
+def test_restarts_compile_once_per_kind(mode, stream_ds, tmp_path, monkeypatch):
+    """compile=True, restarts after steps 2, 4 and 6: relora keeps one graph; remora trains steps 1-2 with share,
+    3-4 with share_group, 5-6 with share again, and compiles exactly one graph per kind. Dynamo's backend 'eager'
+    keeps the test fast; the guards and graphs are those of the default backend."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda m, **kw: compile_(m, backend='eager'))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    g = run_train([f'--dataset={stream_ds}', '--max_iters=6', '--eval_interval=6', '--compile=True',
+                   *MODE_ARGS[mode]], tmp_path)
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == (2 if mode == 'remora' else 1)
+    torch._dynamo.reset()
+
+
 def test_ddp_two_processes_match_one(stream_ds, tmp_path):
     """2 gloo processes with grad_accum 2 (1 each) == 1 process with grad_accum 2: same global batch."""
     # torchrun's own parser would take --r=4 for an abbreviation of its options: keep the default r
