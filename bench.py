@@ -4,11 +4,18 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
       W.add_(W2), the memory-bound floor of any merge;
   (b) step: forward + backward + AdamW step of a small LLaMA with LoRA / MoRA adapters, median ms, and the
       matmul-FLOP ratio against LoRA counted with torch.utils.flop_counter.FlopCounterMode.
-    python bench.py --what all            # --threads 2 (default), --quick for a short run
+  (c) modes: the real train.py for each of the six modes on that small LLaMA (byte vocab, Shakespeare from
+      `python data/text/prepare.py`), compile off and on: tok/s of the last log interval, peak RSS of the process.
+    python bench.py --what all            # (a) + (b); --threads 2 (default), --quick for a short run
+    python bench.py --what modes          # (c), ~25 min on 2 CPU cores; --device=cuda on a GPU
 """
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -106,9 +113,40 @@ def bench_step(args):
               f"{med / base[r][1]:>9.3f} {fl / base[r][2]:>11.3f}")
 
 
+def bench_modes(args):
+    """train.py as users run it, one subprocess per (mode, compile); os.wait4 gives that process's own peak RSS."""
+    shape = ['--init_from=scratch', '--tokenizer=byte', '--dataset=text/shakespeare_byte', '--n_layer=8',
+             '--n_head=8', '--n_kv_head=4', '--n_embd=512', '--intermediate_size=1376', '--block_size=256',
+             '--batch_size=8', '--r=8', f'--device={args.device}', '--max_iters=8', '--log_interval=4',
+             '--eval_interval=1000', '--eval_iters=1', '--warmup_iters=2']
+    modes = {'full': [], 'lora': [], 'mora': ['--mora_kind=share'], 'mora_rope': ['--mora_kind=rope'],
+             'relora': ['--merge_every=4'], 'remora': ['--merge_every=4'], 'xgblora': ['--booster_steps=4']}
+    print(f"\n(c) train.py per mode: LLaMA d=512 L=8 MLP 1376 GQA 8/4, byte vocab (320), batch 8x256, "
+          f"{args.device}, steps 5-8 (after compile and warm-up), restarts/boosters every 4 steps")
+    print(f"{'mode':>10} {'compile':>8} {'trainable':>11} {'ms/iter':>9} {'tok/s':>8} {'peak RSS MB':>12}")
+    env = {**os.environ, 'OMP_NUM_THREADS': str(args.threads)}
+    for name, extra in modes.items():
+        for compile_ in (False, True):
+            with tempfile.TemporaryDirectory() as out:
+                cmd = [sys.executable, 'train.py', *shape, f"--mode={name.split('_')[0]}", *extra,
+                       f'--compile={compile_}', f'--out_dir={out}']
+                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                log = proc.stdout.read()
+                _, status, usage = os.wait4(proc.pid, 0)
+                if status:
+                    print(f"{name:>10} {compile_!s:>8} failed:\n{log[-2000:]}")
+                    continue
+                with open(os.path.join(out, 'metrics.jsonl')) as f:
+                    last = [r for r in map(json.loads, f) if 'tok_s' in r][-1]
+            trainable = next(line for line in log.splitlines() if line.startswith('trainable')).split()[2]
+            print(f"{name:>10} {compile_!s:>8} {trainable:>11} {last['ms']:>9.0f} {last['tok_s']:>8.0f} "
+                  f"{usage.ru_maxrss / 1024:>12.0f}")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", choices=["merge", "step", "all"], default="all")
+    ap.add_argument("--what", choices=["merge", "step", "modes", "all"], default="all")
+    ap.add_argument("--device", default="cpu", help="modes only: cpu or cuda")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="r=8 only, smaller batch, fewer repeats")
     args = ap.parse_args()
@@ -120,3 +158,5 @@ if __name__ == "__main__":
         bench_merge(args)
     if args.what in ("step", "all"):
         bench_step(args)
+    if args.what == "modes":
+        bench_modes(args)
