@@ -1,5 +1,12 @@
 """
-Datasets on disk (format: notes/DESIGN.md, "data/ format") and deterministic batches from them.
+Datasets on disk and deterministic batches from them. A dataset is a dir (data/<task>/<name>/) holding
+  meta.json           kind ("stream" | "examples"), tokenizer spec, vocab_size, dtype, per split: tokens, examples,
+                      max_token; plus what its prepare script adds (task settings, prepare_cmd)
+  {split}.bin         all token ids of the split, uint16 when the vocab fits, else uint32
+  {split}.idx.bin     examples kind: int64 offsets of the examples into {split}.bin (n_examples + 1 of them)
+  {split}.mask.bin    optional, examples kind: uint8 per token, 1 where the token is a loss target
+Stream datasets (pretraining text) are sampled as random windows; examples datasets (memory pairs, instructions)
+as whole examples, padded to block_size.
 Writer: write_dataset(), used by data/<name>/prepare.py. Reader: Dataset(path), used by train.py and eval.py.
   ds = Dataset("data/memory/byte_n32_s1337"); ds.check(vocab_size, block_size, tokenizer_spec)
   x, y = ds.get_batch("train", batch_size, block_size, seed, iter_num, micro_step, grad_accum, rank, world)
