@@ -123,9 +123,11 @@ for k, v in config.items():
     low = 1 if k in POSITIVE else -1 if k == 'char_acc_pairs' else 0
     if type(v) in (int, float) and v < low:
         die(f"{k}={v!r} must be >= {low}")
-restarts = mode in ('relora', 'remora') and merge_every > 0
-if merge_every and mode not in ('relora', 'remora'):
+restarts = mode in ('relora', 'remora')
+if merge_every and not restarts:
     die(f"merge_every={merge_every} needs mode relora or remora, got mode={mode!r}")
+if restarts and not merge_every:  # a restart mode that never restarts is silently its plain twin
+    die(f"mode={mode!r} merges every merge_every steps: set merge_every >= 1 (0 trains plain {mode[2:]})")
 if mode == 'remora' and mora_kind not in ('auto', *adapters.SHARE_KINDS):
     die(f"remora switches between share kinds; mora_kind={mora_kind!r} is not one of {' | '.join(adapters.SHARE_KINDS)}")
 

@@ -3,6 +3,7 @@
 # Model: 4 layers, width 128, 4 heads, SwiGLU 352: ~0.8M weights in the adapted projections.
 # r = 20 puts r_hat at 72 (attention) and 98 (MLP), a sizeable share of the width as in the paper
 # (250M: r = 128 at width 768 -> r_hat 443). Embeddings, norms and head train at full rank (train_rest).
+# relora/remora merge every 150 steps (pretrain_relora.py, pretrain_remora.py).
 # tokens per step: 16 x 128 = 2,048; 600 steps = 1.2M tokens (~1/4 epoch).
 init_from = 'scratch'
 tokenizer = 'byte'

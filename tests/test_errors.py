@@ -73,8 +73,9 @@ BAD_CONFIGS = [
     (['--r=-4'], 'r=-4', '>= 1'),
     (['--mode=loraa'], "mode='loraa'", 'full | lora | mora | relora | remora | xgblora'),
     (['--mode=lora', '--mora_kind=spin'], "mora_kind='spin'", 'auto | share'),  # ignored by lora, but unknown
-    (['--mode=remora', '--mora_kind=rope'], "mora_kind='rope'", 'share | share_group'),
+    (['--mode=remora', '--mora_kind=rope', '--merge_every=2'], "mora_kind='rope'", 'share | share_group'),
     (['--mode=lora', '--merge_every=5'], 'merge_every=5', 'relora or remora'),
+    (['--mode=relora'], "mode='relora'", 'set merge_every >= 1'),
     (['--learning_rate=-1e-3'], 'learning_rate=-0.001', '>= 0'),
     (['--max_iters=-1'], 'max_iters=-1', '>= 0'),
     (['--decay_lr=step'], "decay_lr='step'", 'cosine | linear | constant'),
