@@ -143,33 +143,64 @@ def _rope_forward(x, M, d, rotate):
     return _wrap(y, d)  # D_rope: tile with period n·r_hat, cut to d
 
 
+def _fold(x, r_hat):
+    """C_fold: wrap-pad x to n·r_hat (padded slot i reads x[i mod k]), sum the n chunks -> (..., r_hat)."""
+    return _fold_cols(_wrap(x, -(-x.shape[-1] // r_hat) * r_hat), r_hat)
+
+
+# The seven kinds (MoRA, Jiang et al.): Δh = f_decomp(M · f_comp(x)), x (..., k) -> (..., d), without building ΔW.
+# Each has r_hat² parameters (r_hat from mora_rank), M = 0 at init (ΔW = 0, yet M gets gradient from step 0), no alpha.
+def share(x, M, d):
+    """C_fold + D_tile, Eq. 6 (the paper's kind for large r; ReMoRA kind A; reference type 1):
+    Δh_t = Σ_a M[t mod r_hat, a] · fold(x)_a, fold(x)_a = Σ_{j ≡ a mod r_hat} x_j (+ the wrapped padding)."""
+    return _wrap(F.linear(_fold(x, M.shape[0]), M), d)
+
+
+def share_group(x, M, d):
+    """C_group + D_group (ReMoRA kind B; reference type 2): slot a sums the a-th contiguous group of ⌊k/r_hat⌋ or
+    ⌊k/r_hat⌋+1 features; output a is repeated over the a-th group of outputs. ΔW[t, j] = M[γ_d(t), γ_k(j)]."""
+    return _group_expand(F.linear(_group_sum(x, M.shape[0]), M), d)
+
+
+def share_group_tile(x, M, d):
+    """C_group + D_tile (the reference code's ReMoRA 4-cycle; type 3): ΔW[t, j] = M[t mod r_hat, γ_k(j)]."""
+    return _wrap(F.linear(_group_sum(x, M.shape[0]), M), d)
+
+
+def share_fold_group(x, M, d):
+    """C_fold + D_group (the reference code's ReMoRA 4-cycle; type 4): ΔW[t, j] = M[γ_d(t), j mod r_hat] (+ wrap)."""
+    return _group_expand(F.linear(_fold(x, M.shape[0]), M), d)
+
+
+def rope(x, M, d):
+    """C_rope + D_rope, Eq. 9 (the paper's kind for small r; reference type 6): chunk i of the wrap-padded x is
+    rotated by angles i·θ_m, θ_m = 10000^(-2m/r_hat) (rotate-half pairs), y_i = M R_i x_i, the n·r_hat outputs
+    tiled or cut to d. ΔW = blockdiag(M R_0, ..., M R_{n-1}) up to the wrap: full rank is reachable."""
+    return _rope_forward(x, M, d, rotate=True)
+
+
+def decouple(x, M, d):
+    """C_rope without rotation + D_rope, Eq. 8 (ablation): y_i = M x_i; ΔW = I_n ⊗ M when d = k = n·r_hat."""
+    return _rope_forward(x, M, d, rotate=False)
+
+
+def truncate(x, M, d):
+    """x[:r_hat] -> [M z; 0], Eq. 4 (ablation): ΔW = [[M, 0], [0, 0]] cut to (d, k)."""
+    k2, d2 = min(x.shape[-1], M.shape[0]), min(d, M.shape[0])
+    y = F.linear(x[..., :k2], M[:d2, :k2])
+    return F.pad(y, (0, d - d2)) if d > d2 else y
+
+
+FORWARDS = {f.__name__: f for f in (share, share_group, share_group_tile, share_fold_group, rope, decouple, truncate)}
+assert tuple(FORWARDS) == KINDS
+
+
 def mora_forward(x: torch.Tensor, M: torch.Tensor, out_features: int, kind: str) -> torch.Tensor:
-    """MoRA (Jiang et al. Eq. 6-9): Δh = f_decomp(M · f_comp(x)) for x (..., k) -> (..., d), without building ΔW.
-    M (r_hat, r_hat), init 0, no alpha (scale 1); params r_hat² (r_hat from mora_rank).
-      kind              compression  decompression  paper
-      share             C_fold       D_tile         Eq. 6 (large r); ReMoRA kind A
-      share_group       C_group      D_group        ReMoRA kind B
-      share_group_tile  C_group      D_tile         ReMoRA 4-cycle (reference code)
-      share_fold_group  C_fold       D_group        ReMoRA 4-cycle (reference code)
-      rope              C_rope       D_rope         Eq. 9 (small r): chunk i rotated by i·θ_m, θ_m = 10000^(-2m/r_hat)
-      decouple          C_rope w/o rotation, D_rope Eq. 8 (ablation; I_n ⊗ M when d = k = n·r_hat)
-      truncate          x[:r_hat]    [z; 0]         Eq. 4 (ablation): ΔW = [[M, 0], [0, 0]] cut to (d, k)
+    """MoRA's branch Δh for x (..., k) -> (..., out_features) with the named kind (see the functions above).
     Defined here where the reference crashes: wrap padding is cyclic (padded slot i reads x[i mod k]), so k < r_hat/2
     wraps x several times, as the reference's merge does; rope with k <= r_hat is one unrotated chunk."""
-    k, d = x.shape[-1], out_features
-    r_hat = _check(M.shape[0], k, d, kind)
-    if kind in ("rope", "decouple"):
-        return _rope_forward(x, M, d, rotate=kind == "rope")
-    if kind == "truncate":
-        k2, d2 = min(k, r_hat), min(d, r_hat)
-        y = F.linear(x[..., :k2], M[:d2, :k2])
-        return F.pad(y, (0, d - d2)) if d > d2 else y
-    if kind in ("share", "share_fold_group"):  # C_fold: wrap-pad to n·r_hat, sum the n chunks
-        z = _fold_cols(_wrap(x, -(-k // r_hat) * r_hat), r_hat)
-    else:
-        z = _group_sum(x, r_hat)
-    z = F.linear(z, M)
-    return _wrap(z, d) if kind in ("share", "share_group_tile") else _group_expand(z, d)
+    _check(M.shape[0], x.shape[-1], out_features, kind)
+    return FORWARDS[kind](x, M, out_features)
 
 
 def _rows_add_(W, X, tile):
@@ -294,7 +325,7 @@ class LoRA(_Adapter):
 
 
 class MoRA(_Adapter):
-    """Δh = mora_forward(dropout(x), M, d, kind); M (r_hat, r_hat) = 0, r_hat² params (kinds: mora_forward).
+    """Δh = mora_forward(dropout(x), M, d, kind); M (r_hat, r_hat) = 0, r_hat² params (kinds: share, rope, ... above).
     r is only the LoRA-equivalent rank r_hat came from. The branch runs in M's dtype, the output in x's."""
 
     def __init__(self, in_features, out_features, r_hat, kind, r=None, dropout=0.0, device=None, dtype=None):
