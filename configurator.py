@@ -5,7 +5,7 @@ import ast, difflib, io, os, sys, tokenize
 
 SIMPLE = (int, float, bool, str, type(None), tuple, list)
 
-def _fail(msg):
+def die(msg):  # bad input is the user's to fix: one line, exit 2, no traceback (train/eval/merge.py use it too)
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -13,13 +13,13 @@ def _checked(key, value, defaults):  # value converted to the type of key's defa
     if key not in defaults:
         hint = ([k for k in defaults if "".join(w[:1] for w in k.split("_")) == key]  # lr -> learning_rate
                 or difflib.get_close_matches(key, list(defaults), n=1) or [k for k in defaults if k.startswith(key)])
-        _fail(f"unknown config key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        die(f"unknown config key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     want = type(defaults[key])
     if defaults[key] is None or type(value) is want:  # None defaults take anything; bool is never an int here
         return value
     if (want is float and type(value) is int) or (want in (tuple, list) and type(value) in (tuple, list)):
         return want(value)  # int -> float promotion; a list given for a tuple key (or back)
-    _fail(f"config key {key!r} expects {want.__name__}, got {type(value).__name__} {value!r}")
+    die(f"config key {key!r} expects {want.__name__}, got {type(value).__name__} {value!r}")
 
 def configure(globals_: dict, argv: list[str], source_file: str, keys: list[str] | None = None) -> dict:
     """Apply config files and --key=value overrides from argv to globals_ (in place); return {key: value}. Keys default
@@ -41,14 +41,14 @@ def configure(globals_: dict, argv: list[str], source_file: str, keys: list[str]
     for arg in argv:
         if not arg.startswith("--"):  # a config file: exec'd over the current values, may only set known keys
             if not os.path.isfile(arg):
-                _fail(f"config file {arg!r} not found (overrides are written --key=value)")
+                die(f"config file {arg!r} not found (overrides are written --key=value)")
             ns = dict(config)
             exec(compile(open(arg).read(), arg, "exec"), ns)
             config.update({k: _checked(k, v, defaults) for k, v in ns.items() if not k.startswith("_") and isinstance(v, SIMPLE)})
             continue
         key, eq, text = arg[2:].partition("=")
         if not eq:
-            _fail(f"expected --key=value, got {arg!r}")
+            die(f"expected --key=value, got {arg!r}")
         try:  # python literals (3e-4, True, (1, 2), None); anything else is a plain string
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):

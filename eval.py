@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import zipfile
 from contextlib import nullcontext
 
 import torch
@@ -90,12 +91,19 @@ def build_model(config, device='cpu'):
     return LLaMA.from_pretrained(config['init_from']).to(device)
 
 
+def load_checkpoint(path):
+    """torch.load of a ckpt.pt with weights_only=True (no code runs); a cut-off or damaged file is a ValueError."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: a cut-off file lacks its central directory
+        raise ValueError(f"{path} is truncated or corrupted (not a complete torch.save archive)")
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
 def load_run(out_dir, device='cpu'):
     """Rebuild the trained model of a run from out_dir/ckpt.pt: base, moved weights, adapters. Returns (model, ckpt)."""
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train first (python train.py ... --out_dir={out_dir})")
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = load_checkpoint(path)
     model = build_model(ckpt['config'], device)
     if ckpt['base_fingerprint'] != adapters.base_fingerprint(model.state_dict()):
         raise ValueError(f"{path} was trained on another base than {ckpt['config']['init_from']} (fingerprint differs)")
@@ -139,8 +147,7 @@ def plot_curves(run_dirs, plot_file):
 
 
 if __name__ == '__main__':
-    import zipfile
-    from configurator import configure
+    from configurator import configure, die
     from data import Dataset
     from tokenizer import load_tokenizer
     # -----------------------------------------------------------------------------
@@ -158,13 +165,6 @@ if __name__ == '__main__':
     if plot:
         plot_curves(plot.split(','), plot_file)
         sys.exit(0)
-
-    def die(msg):  # bad input (run dir, base, dataset): one line, exit 2, as train.py and configurator.py do
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    path = os.path.join(out_dir, 'ckpt.pt')
-    if os.path.exists(path) and not zipfile.is_zipfile(path):  # torch.save writes a zip: a cut-off one has no directory
-        die(f"{path} is truncated or corrupted (not a complete torch.save archive)")
     try:  # the expected failures of a missing or mismatched run, base or dataset; anything else keeps its traceback
         model, ckpt = load_run(out_dir, device)
         run = ckpt['config']

@@ -90,8 +90,7 @@ def export_peft(out_dir, peft_dir):
 
 
 if __name__ == '__main__':
-    import zipfile
-    from configurator import configure
+    from configurator import configure, die
     # -----------------------------------------------------------------------------
     out_dir = 'out'  # the run to merge (holds ckpt.pt)
     merged_dir = ''  # write the merged HF model here ('' = <out_dir>/merged)
@@ -99,13 +98,6 @@ if __name__ == '__main__':
     ranks = False  # instead print the singular values > 0.1 of the learned dW per projection type
     # -----------------------------------------------------------------------------
     configure(globals(), sys.argv[1:], __file__)
-
-    def die(msg):  # bad input (run dir, base, target dir): one line, exit 2, as train.py and configurator.py do
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    path = os.path.join(out_dir, 'ckpt.pt')
-    if os.path.exists(path) and not zipfile.is_zipfile(path):  # torch.save writes a zip: a cut-off one has no directory
-        die(f"{path} is truncated or corrupted (not a complete torch.save archive)")
     try:  # the expected failures of a missing or mismatched run or base; anything else keeps its traceback
         with torch.no_grad():
             if ranks:

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -24,9 +23,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adapters
-from configurator import configure
+from configurator import configure, die
 from data import Dataset
-from eval import build_model, char_accuracy, estimate_loss, memory_pairs
+from eval import build_model, char_accuracy, estimate_loss, load_checkpoint, memory_pairs
 from model import ModelConfig, RMSNorm
 from tokenizer import load_tokenizer
 
@@ -97,11 +96,6 @@ MODES = ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora')
 # keys a resumed run may change; any other difference is refused
 MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs', 'eval_only', 'resume',
               'compile', 'device', 'out_dir', 'note')  # out_dir: a run dir that was moved or copied resumes as well
-
-
-def die(msg):  # bad input (config, data, base, checkpoint) is the user's to fix: one line, exit 2, no traceback
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def setup(fn, *args, **kwargs):  # a setup step: its expected failures (missing file, offline, unfit value) become die()
@@ -220,10 +214,9 @@ optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, 
 iter_num = 0
 if resume:
     path = os.path.join(out_dir, 'ckpt.pt')
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: a cut-off file lacks its central directory
-        die(f"{path} is truncated or corrupted (not a complete torch.save archive)" if os.path.exists(path)
-            else f"no checkpoint at {path} to resume from (drop --resume=True to start a fresh run)")
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if not os.path.exists(path):
+        die(f"no checkpoint at {path} to resume from (drop --resume=True to start a fresh run)")
+    ckpt = setup(load_checkpoint, path)
     changed = {k: (ckpt['config'].get(k), v) for k, v in config.items()  # model_config: through its shape keys
                if ckpt['config'].get(k) != v and k not in (*MAY_CHANGE, 'model_config')}
     if changed:
