@@ -139,8 +139,8 @@ def plot_curves(run_dirs, plot_file):
             pts = [(r['iter'], r[key]) for r in rows if key in r]
             if pts:  # evals are sparse: mark their points
                 ax.plot(*zip(*pts), label=label, marker=None if key == 'loss' else 'o', ms=3)
-        later = [r[key] for rows in runs.values() for r in rows if key == 'val_loss' and key in r and r['iter'] > 0]
-        if later:  # the untrained model's val loss would squash the differences that matter
+        later = [r[key] for rows in runs.values() for r in rows if key in r and r['iter'] > 0]
+        if key == 'val_loss' and later:  # zoom past the untrained model's loss: it would squash what matters
             ax.set_ylim(min(later) - 0.05 * (max(later) - min(later)), max(later) * 1.02)
         ax.set_xlabel('step'); ax.set_title(PANELS[key]); ax.grid(alpha=0.3); ax.legend()
     os.makedirs(os.path.dirname(plot_file) or '.', exist_ok=True)

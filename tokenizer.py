@@ -70,8 +70,8 @@ def _load(spec: str) -> Tokenizer:
             enc = tiktoken.get_encoding(name)
         except Exception as e:  # tiktoken fetches the BPE file over HTTP on first use, then caches it
             raise ConnectionError(f"tiktoken encoding {name!r} is downloaded on first use and could not be fetched: "
-                               f"this machine appears offline (set TIKTOKEN_CACHE_DIR to a cache that has it). "
-                               f"Cause: {type(e).__name__}: {e}") from e
+                                  f"this machine appears offline (set TIKTOKEN_CACHE_DIR to a cache that has it). "
+                                  f"Cause: {type(e).__name__}: {e}") from e
         # the OpenAI encodings have an end-of-text token and no BOS (nanoGPT's usage)
         return Tokenizer(spec, enc, None, enc._special_tokens.get("<|endoftext|>"), enc.n_vocab)
     if not os.path.isdir(spec):
