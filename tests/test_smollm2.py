@@ -72,6 +72,14 @@ def test_tokenizer_matches_tokenizers(ckpt, hf_tok):
     assert tok.decode(hf_tok.encode(VARIED).ids) == VARIED
     assert (tok.bos_id, tok.eos_id, tok.n_vocab) == (1, 2, 49152)
 
+def test_tokenizer_on_the_tokenizer_tests_texts(ckpt, hf_tok):
+    """The real tokenizer.json on tests/test_tokenizer.py's edge cases (whitespace runs, digits, unicode, code)."""
+    tokenizer = pytest.importorskip("tokenizer")
+    from test_tokenizer import CHECKS, CORPUS
+    tok = tokenizer.load_tokenizer(ckpt)
+    for text in CHECKS + CORPUS:
+        assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False).ids, text
+
 @torch.no_grad()
 def test_logits_match_transformers(ckpt, ours, hf_tok):
     transformers = pytest.importorskip("transformers")
