@@ -79,6 +79,7 @@ def test_tokenizer_on_the_tokenizer_tests_texts(ckpt, hf_tok):
     tok = tokenizer.load_tokenizer(ckpt)
     for text in CHECKS + CORPUS:
         assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False).ids, text
+    assert tok.n_vocab == hf_tok.get_vocab_size()
 
 @torch.no_grad()
 def test_logits_match_transformers(ckpt, ours, hf_tok):

@@ -135,8 +135,8 @@ def test_restarts_compile_once_per_kind(mode, stream_ds, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, 'compile', lambda m, **kw: compile_(m, backend='eager'))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    g = run_train([f'--dataset={stream_ds}', '--max_iters=6', '--eval_interval=6', '--compile=True',
-                   *MODE_ARGS[mode]], tmp_path)
+    run_train([f'--dataset={stream_ds}', '--max_iters=6', '--eval_interval=6', '--compile=True', *MODE_ARGS[mode]],
+              tmp_path)
     assert torch._dynamo.utils.counters['stats']['unique_graphs'] == (2 if mode == 'remora' else 1)
     torch._dynamo.reset()
 
