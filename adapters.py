@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from model import Linear
 
@@ -69,18 +70,21 @@ def _wrap(x, L):
         return x[..., :L]
     if L <= 2 * k:
         return torch.cat([x, x[..., :L - k]], dim=-1)
-    reps = -(-L // k)  # only when k < r_hat / 2
+    reps = -(-L // k)  # D_tile; as a pad only when k < r_hat / 2
     return x.unsqueeze(-2).expand(*x.shape[:-1], reps, k).flatten(-2)[..., :L]
 
 
 def _fold_cols(X, k):
-    """Cyclic fold of the last dim onto k columns: out[..., j] = sum of X[..., i] over i ≡ j (mod k)."""
+    """Cyclic fold of the last dim onto k columns: out[..., j] = sum of X[..., i] over i ≡ j (mod k) (the adjoint of
+    _wrap; X itself when it is no wider than k)."""
     w = X.shape[-1]
     if w <= k:
         return X
-    c = -(-w // k)
-    X = F.pad(X, (0, c * k - w)) if w % k else X
-    return X.unflatten(-1, (c, k)).sum(-2)
+    c, m = divmod(w, k)
+    out = X[..., :c * k].unflatten(-1, (c, k)).sum(-2)
+    if m:  # in place on a fresh tensor; in autograd paths (C_fold) w is a multiple of k
+        out[..., :m] += X[..., c * k:]
+    return out
 
 
 def _group_sum(x, r_hat):
@@ -129,6 +133,47 @@ def _rope_blocks(M, nb):
     return M * cos[:, None, :] + Mbar * sin[:, None, :]
 
 
+class _BlockDiagMatmul(torch.autograd.Function):
+    """y = D_rope(blockdiag(B_0, ..., B_{nb-1}) · wrap(x)) for x (N, k), B (nb, r_hat, r_hat): one bmm over x's chunks
+    (a strided view), transposed once into y. The backward is written out because autograd through the wrap,
+    the transposes and the cut or tiling zero-fills full-size gradients and copies activations more often (bench.py:
+    rope r = 8 steps a few % faster). Differentiable once (no double backward), like most fused kernels."""
+
+    @staticmethod
+    def forward(ctx, x, B, d):
+        (N, k), (nb, r_hat, _) = x.shape, B.shape
+        L = nb * r_hat
+        xw = _wrap(x, L)  # (N, L): a view of x unless the last chunk wraps around
+        ctx.save_for_backward(xw, B)
+        ctx.k = k
+        y = x.new_empty(N, max(L, d))
+        y[:, :L].view(N, nb, r_hat).copy_(torch.bmm(xw.view(N, nb, r_hat).transpose(0, 1), B.mT).transpose(0, 1))
+        if d <= L:  # D_rope cuts the last chunk
+            return y[:, :d]
+        f = d // L  # or tiles with period L: whole periods, then a partial one
+        y[:, L:f * L].view(N, f - 1, L).copy_(y[:, :L].unsqueeze(1).expand(N, f - 1, L))
+        y[:, f * L:] = y[:, :d - f * L]
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, G):
+        xw, B = ctx.saved_tensors
+        (N, L), (nb, r_hat, _), k, d = xw.shape, B.shape, ctx.k, G.shape[1]
+        G = F.pad(G, (0, L - d)) if d < L else _fold_cols(G, L)  # adjoint of the cut / tiling: (N, L)
+        Gc = G.reshape(N, nb, r_hat).transpose(0, 1)  # (nb, N, r_hat)
+        dB = torch.bmm(Gc.mT, xw.view(N, nb, r_hat).transpose(0, 1))
+        dx = G.new_empty(N, max(L, k))
+        dx[:, :L].view(N, nb, r_hat).copy_(torch.bmm(Gc, B).transpose(0, 1))
+        if L < k:  # inputs past the computed chunks get no gradient
+            dx[:, L:].zero_()
+        elif L <= 2 * k:  # adjoint of the wrap: the padding's gradient folds back onto x's first columns
+            dx[:, :L - k] += dx[:, k:]
+        else:  # k < r_hat / 2: x wrapped several times
+            return _fold_cols(dx, k), dB, None
+        return dx[:, :k], dB, None
+
+
 def _rope_forward(x, M, d, rotate):
     r_hat = M.shape[0]
     n = -(-x.shape[-1] // r_hat)
@@ -136,11 +181,11 @@ def _rope_forward(x, M, d, rotate):
     if rotate and nb > 1:
         # y_i = M (R_i x_i) = (M R_i) x_i: rotating M costs nb·r_hat² per call, rotating x several passes over the
         # activations; then one batched matmul over the chunks
-        xc = _wrap(x, nb * r_hat).reshape(-1, nb, r_hat).transpose(0, 1)  # (nb, N, r_hat)
-        y = torch.bmm(xc, _rope_blocks(M, nb).mT).transpose(0, 1).reshape(*x.shape[:-1], nb * r_hat)
-    else:  # one shared M: one plain matmul over all chunks
-        y = F.linear(_wrap(x, nb * r_hat).unflatten(-1, (nb, r_hat)), M).flatten(-2)
-    return _wrap(y, d)  # D_rope: tile with period n·r_hat, cut to d
+        y = _BlockDiagMatmul.apply(x.reshape(-1, x.shape[-1]).contiguous(), _rope_blocks(M, nb), d)
+        return y.reshape(*x.shape[:-1], d)
+    # one shared M: one plain matmul over all chunks
+    y = F.linear(_wrap(x, nb * r_hat).unflatten(-1, (nb, r_hat)), M).flatten(-2)
+    return _wrap(y, d)  # D_rope: tile with period nb·r_hat, cut to d
 
 
 def _fold(x, r_hat):

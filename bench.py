@@ -3,7 +3,8 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
   (a) merge: W += ΔW (mora_delta / lora_delta, then add) on LLaMA-7B layer shapes, against one same-shaped
       W.add_(W2), the memory-bound floor of any merge;
   (b) step: forward + backward + AdamW step of a small LLaMA with LoRA / MoRA adapters, median ms, and the
-      matmul-FLOP ratio against LoRA counted with torch.utils.flop_counter.FlopCounterMode.
+      matmul-FLOP ratio against LoRA counted with torch.utils.flop_counter.FlopCounterMode; MoRA rope also as the
+      authors' code computes it (authors_rope below), for the "faster than the reference" comparison.
   (c) modes: the real train.py for each of the six modes on that small LLaMA (byte vocab, Shakespeare from
       `python data/text/prepare.py`), compile off and on: tok/s of the last log interval, peak RSS of the process.
     python bench.py --what all            # (a) + (b); --threads 2 (default), --quick for a short run
@@ -62,39 +63,69 @@ def bench_merge(args):
                       f"{t1 / floor:>6.2f} {t2 * 1e3:>13.1f} {t2 / floor:>6.2f}")
 
 
+def authors_rope(x, M, d, _tables={}):
+    """MoRA rope as the authors' code computes it (peft-mora lora/layer.py `_apply_mora`, mora_type 6), ported
+    line by line: wrap-pad x, rotate every chunk's activations (rotate-half, tables cached per layer as theirs),
+    one matmul with M over all n chunks, then cut or tile to d. Same function as adapters.rope."""
+    r, in_f = M.shape[0], x.shape[-1]
+    sum_inter = rb1 = -(-in_f // r)
+    if in_f % r != 0:
+        x = torch.cat([x, x[..., :r - in_f % r]], dim=-1)
+    in_x = x.view(*x.shape[:-1], sum_inter, r)
+    if (r, rb1) not in _tables:
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, r, 2).float() / r))
+        emb = torch.outer(torch.arange(rb1), inv_freq).repeat(1, 2)
+        _tables[r, rb1] = emb.cos().unsqueeze(0).to(x.dtype), emb.sin().unsqueeze(0).to(x.dtype)
+    cos, sin = _tables[r, rb1]
+    rh_in_x = torch.cat((-in_x[..., r // 2:], in_x[..., :r // 2]), dim=-1)
+    in_x = in_x * cos + rh_in_x * sin
+    out_x = torch.nn.functional.linear(in_x, M).view(*x.shape[:-1], -1)[..., :d]
+    if out_x.shape[-1] < d:
+        out_x = torch.cat([out_x] * -(-d // out_x.shape[-1]), dim=-1)[..., :d]
+    return out_x
+
+
 def bench_step(args):
     cfg = ModelConfig(vocab_size=8192, block_size=256, n_layer=8, n_head=8, n_kv_head=4, n_embd=512,
                       intermediate_size=1376)
     B, T = (4, 128) if args.quick else (8, 256)
-    runs = [("lora", None, 8), ("mora", "share", 8), ("mora", "rope", 8)]
+    runs = [("lora", None, 8), ("mora", "share", 8), ("mora", "rope", 8), ("mora", "authors_rope", 8)]
     if not args.quick:
-        runs += [("lora", None, 256), ("mora", "share", 256), ("mora", "rope", 256)]
+        runs += [("lora", None, 256), ("mora", "share", 256), ("mora", "rope", 256), ("mora", "authors_rope", 256)]
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     print(f"\n(b) train step (fwd + bwd + AdamW), LLaMA d={cfg.n_embd} L={cfg.n_layer} MLP {cfg.intermediate_size} "
           f"GQA {cfg.n_head}/{cfg.n_kv_head} vocab {cfg.vocab_size}, batch {B}x{T}, fp32, "
           f"{torch.get_num_threads()} threads, {args.steps} steps each after 2 warm-up, round-robin")
-    print(f"{'method':>13} {'r':>4} {'trainable':>10} {'min ms':>8} {'median ms':>10} {'time/LoRA':>10} "
+    print(f"{'method':>18} {'r':>4} {'trainable':>10} {'min ms':>8} {'median ms':>10} {'time/LoRA':>10} "
           f"{'(median)':>9} {'FLOPs/LoRA':>11}")
-    steps, flops = [], []
+    steps, flops, rope_ours = [], [], adapters.FORWARDS["rope"]
     for method, kind, r in runs:
         torch.manual_seed(0)
         model = LLaMA(cfg)
-        params = adapters.attach(model, method, r=r, alpha=2.0 * r, kind=kind)
+        params = adapters.attach(model, method, r=r, alpha=2.0 * r, kind="rope" if kind == "authors_rope" else kind)
         with torch.no_grad():
             for p in params:  # a trained-looking adapter (zero M / B would not change the work done)
                 p.normal_(0, 0.01)
         opt = torch.optim.AdamW(params, lr=1e-4)
+        rope = authors_rope if kind == "authors_rope" else rope_ours
 
-        def step(model=model, opt=opt):
+        def step(model=model, opt=opt, rope=rope):
+            adapters.FORWARDS["rope"] = rope  # the MoRA modules dispatch through this table
             model(x, y)[1].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+        adapters.FORWARDS["rope"] = rope
         with FlopCounterMode(display=False) as fc:
-            model(x, y)[1].backward()
+            loss = model(x, y)[1]
+            loss.backward()
         opt.zero_grad(set_to_none=True)
+        if rope is authors_rope:  # same function, so the same loss as adapters.rope
+            adapters.FORWARDS["rope"] = rope_ours
+            with torch.no_grad():
+                torch.testing.assert_close(model(x, y)[1], loss)
         steps.append((step, adapters.count_params(model)[0]))
         flops.append(fc.get_total_flops())
     times = [[] for _ in runs]
@@ -104,12 +135,13 @@ def bench_step(args):
             step()
             if i >= 2:  # the first two are warm-up
                 ts.append(time.perf_counter() - t0)
+    adapters.FORWARDS["rope"] = rope_ours
     base = {}
     for (method, kind, r), (_, n_train), ts, fl in zip(runs, steps, times, flops):
         lo, med = min(ts) * 1e3, statistics.median(ts) * 1e3  # min: least disturbed by other processes
         base.setdefault(r, (lo, med, fl))
         name = method if kind is None else f"mora {kind}"
-        print(f"{name:>13} {r:>4} {n_train:>10,} {lo:>8.1f} {med:>10.1f} {lo / base[r][0]:>10.3f} "
+        print(f"{name:>18} {r:>4} {n_train:>10,} {lo:>8.1f} {med:>10.1f} {lo / base[r][0]:>10.3f} "
               f"{med / base[r][1]:>9.3f} {fl / base[r][2]:>11.3f}")
 
 
