@@ -64,8 +64,8 @@ def bench_merge(args):
 
 
 def authors_rope(x, M, d, _tables={}):
-    """MoRA rope as the authors' code computes it (peft-mora lora/layer.py `_apply_mora`, mora_type 6), ported
-    line by line: wrap-pad x, rotate every chunk's activations (rotate-half, tables cached per layer as theirs),
+    """MoRA rope as the authors' code computes it (peft-mora lora/layer.py `_apply_mora`, mora_type 6), ported op
+    for op: wrap-pad x, rotate every chunk's activations (rotate-half, tables cached per layer as theirs),
     one matmul with M over all n chunks, then cut or tile to d. Same function as adapters.rope."""
     r, in_f = M.shape[0], x.shape[-1]
     sum_inter = rb1 = -(-in_f // r)
