@@ -137,7 +137,7 @@ class _BlockDiagMatmul(torch.autograd.Function):
     """y = D_rope(blockdiag(B_0, ..., B_{nb-1}) · wrap(x)) for x (N, k), B (nb, r_hat, r_hat): one bmm over x's chunks
     (a strided view), transposed once into y. The backward is written out because autograd through the wrap,
     the transposes and the cut or tiling zero-fills full-size gradients and copies activations more often (bench.py:
-    rope r = 8 steps a few % faster). Differentiable once (no double backward), like most fused kernels."""
+    rope r = 8 steps a few % faster). For nb >= 2 chunks; differentiable once (no double backward)."""
 
     @staticmethod
     def forward(ctx, x, B, d):
@@ -167,10 +167,8 @@ class _BlockDiagMatmul(torch.autograd.Function):
         dx[:, :L].view(N, nb, r_hat).copy_(torch.bmm(Gc, B).transpose(0, 1))
         if L < k:  # inputs past the computed chunks get no gradient
             dx[:, L:].zero_()
-        elif L <= 2 * k:  # adjoint of the wrap: the padding's gradient folds back onto x's first columns
+        else:  # adjoint of the wrap: the padding's gradient folds back onto x's first columns (nb >= 2, so L < 2k)
             dx[:, :L - k] += dx[:, k:]
-        else:  # k < r_hat / 2: x wrapped several times
-            return _fold_cols(dx, k), dB, None
         return dx[:, :k], dB, None
 
 
