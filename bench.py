@@ -8,6 +8,7 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
   (c) modes: the real train.py for each of the six modes on that small LLaMA (byte vocab, Shakespeare from
       `python data/text/prepare.py`), compile off and on: tok/s of the last log interval, peak RSS of the process.
     python bench.py --what all            # (a) + (b); --threads 2 (default), --quick for a short run
+    python bench.py --what step --compile # (b) with torch.compile (~15 min on 2 CPU cores, mostly compiling)
     python bench.py --what modes          # (c), ~25 min on 2 CPU cores; --device=cuda on a GPU
 """
 import argparse
@@ -97,7 +98,8 @@ def bench_step(args):
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     print(f"\n(b) train step (fwd + bwd + AdamW), LLaMA d={cfg.n_embd} L={cfg.n_layer} MLP {cfg.intermediate_size} "
           f"GQA {cfg.n_head}/{cfg.n_kv_head} vocab {cfg.vocab_size}, batch {B}x{T}, fp32, "
-          f"{torch.get_num_threads()} threads, {args.steps} steps each after 2 warm-up, round-robin")
+          f"{torch.get_num_threads()} threads, {'compiled' if args.compile else 'eager'}, {args.steps} steps each after 2 "
+          "warm-up, round-robin")
     print(f"{'method':>18} {'r':>4} {'trainable':>10} {'min ms':>8} {'median ms':>10} {'time/LoRA':>10} "
           f"{'(median)':>9} {'FLOPs/LoRA':>11}")
     steps, flops, rope_ours = [], [], adapters.FORWARDS["rope"]
@@ -111,7 +113,7 @@ def bench_step(args):
         opt = torch.optim.AdamW(params, lr=1e-4)
         rope = authors_rope if kind == "authors_rope" else rope_ours
 
-        def step(model=model, opt=opt, rope=rope):
+        def step(model=torch.compile(model) if args.compile else model, opt=opt, rope=rope):
             adapters.FORWARDS["rope"] = rope  # the MoRA modules dispatch through this table
             model(x, y)[1].backward()
             opt.step()
@@ -181,6 +183,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu", help="modes only: cpu or cuda")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="r=8 only, smaller batch, fewer repeats")
+    ap.add_argument("--compile", action="store_true", help="step: torch.compile each model (compiles in warm-up)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {os.cpu_count()} cpus, {args.threads} threads, "
@@ -189,6 +192,7 @@ if __name__ == "__main__":
     if args.what in ("merge", "all"):
         bench_merge(args)
     if args.what in ("step", "all"):
+        torch._dynamo.config.recompile_limit = 64  # --compile: a graph per model (and per rope forward), not 8
         bench_step(args)
     if args.what == "modes":
         bench_modes(args)
