@@ -192,7 +192,8 @@ if __name__ == "__main__":
     if args.what in ("merge", "all"):
         bench_merge(args)
     if args.what in ("step", "all"):
-        torch._dynamo.config.recompile_limit = 64  # --compile: a graph per model (and per rope forward), not 8
+        if args.compile:  # a graph per model (and per rope forward): more than dynamo's default of 8
+            torch._dynamo.config.recompile_limit = 64
         bench_step(args)
     if args.what == "modes":
         bench_modes(args)
