@@ -2,11 +2,11 @@
 # Pressure as in the paper: ~0.06 memorised bits per trainable parameter. LoRA r8 on all seven projections
 # of SmolLM2-135M is ~2.4M params, so ~1,000 uuid pairs (122 bits each).
 # $ python data/memory/prepare.py --n_pairs=1000
-# tokens per step: 128 pairs x 72 positions = 9,216; 800 steps = ~100 epochs.
+# tokens per step: 128 pairs x 73 positions = 9,344; 800 steps = ~100 epochs.
 init_from = 'data/smollm2/SmolLM2-135M-Instruct'
 dataset = 'memory/smollm2_n1000_s1337'
 batch_size = 128
-block_size = 72
+block_size = 73  # the longest of the 1,000 examples is 74 tokens: 73 inputs + 73 shifted targets
 max_iters = 800
 warmup_iters = 50
 decay_lr = 'constant'

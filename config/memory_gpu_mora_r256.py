@@ -3,5 +3,5 @@
 exec(open('config/_memory_gpu.py').read())
 out_dir = 'out/memory_gpu_mora_r256'
 mode = 'mora'
-learning_rate = 1e-4
+learning_rate = 1e-3
 r = 256

