@@ -51,8 +51,7 @@ def char_accuracy(model, tokenizer, pairs, device, ctx=nullcontext(), batch_size
     pairs: dicts with 'value' and 'prompt' (token ids, BOS included) as written by data/memory/prepare.py.
     Prompts of different lengths share one decode via left padding (model.generate's pad): each row keeps its
     own positions and never attends to padding, so its tokens are those it would get decoded alone. Wide batches:
-    on a GPU each decode step is bound by kernel launches (1,000 pairs in chunks of 64 took 35-80 s
-    on an H200 shared by six runs)."""
+    on a GPU each decode step of a model this small is bound by kernel launches, not by its batch."""
     was_training = model.training
     model.eval()
     # a uuid is about one token per character; leave slack for tokens that are shorter than that
