@@ -1,10 +1,13 @@
-"""Every config file parses against train.py's keys; the tiny pretraining configs train end to end."""
+"""Every config file parses against train.py's keys: the tiny pretraining configs train end to end as they are,
+the memory configs (CPU and GPU tier) with the base swapped for a tiny model."""
 import glob
 import os
+import subprocess
+import sys
 
 import pytest
 
-from helpers import ROOT, metrics, run_train, write_stream
+from helpers import ROOT, TINY, metrics, run_train, write_stream
 
 CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'config', '[!_]*.py')))
 
@@ -15,7 +18,7 @@ def stream_ds(tmp_path_factory):
 
 
 def test_every_config_names_its_command():
-    assert len(CONFIGS) >= 19  # memory (6 CPU + 5 GPU), pretrain (5), alpaca (3)
+    assert len(CONFIGS) >= 21  # memory (6 CPU + 7 GPU), pretrain (5), alpaca (3)
     for path in CONFIGS:
         assert f"python train.py {path}" in open(os.path.join(ROOT, path)).read(), path
 
@@ -34,3 +37,35 @@ def test_pretrain_config_runs(path, stream_ds, tmp_path):
     rows = metrics(tmp_path)
     assert [r['iter'] for r in rows if 'loss' in r] == [1, 2, 3]
     assert all(r['loss'] < 6.5 for r in rows if 'loss' in r)
+
+
+@pytest.fixture(scope='module')
+def byte_pairs(tmp_path_factory):
+    out = tmp_path_factory.mktemp('data') / 'pairs'
+    subprocess.run([sys.executable, 'data/memory/prepare.py', '--n_pairs=8', '--tokenizer=byte', f'--out_dir={out}'],
+                   cwd=ROOT, check=True, capture_output=True)
+    return str(out)
+
+
+@pytest.mark.parametrize('path', [p for p in CONFIGS if 'memory_' in p])
+def test_memory_config_runs(path, byte_pairs, tmp_path):
+    """Each memory config's own mode, kind, LR and schedule, on the tiny byte-level model instead of SmolLM2 (the GPU
+    run is minutes of GPU): 2 steps, its restarts or boosters every step, char accuracy at the end."""
+    every = {'relora': ['--merge_every=1', '--restart_warmup=1'], 'remora': ['--merge_every=1', '--restart_warmup=1'],
+             'xgblora': ['--booster_steps=1', '--booster_blocks=1']}
+    mode_args = next((v for k, v in every.items() if k in path), [])
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # config files exec their shared part by a path relative to the repo root
+    try:  # after the config: the tiny model (block 96 holds a prompt + 44 decoded bytes), then the run's length
+        own = {}
+        exec(open(path).read(), own)  # what the config itself sets
+        tiny = [a for a in TINY if not a.startswith(('--learning_rate', '--warmup_iters'))]  # keep the config's
+        g = run_train([path, *tiny, '--block_size=96', f'--dataset={byte_pairs}', '--max_iters=2', '--eval_interval=2',
+                       '--eval_iters=1', '--char_acc_pairs=2', *mode_args], tmp_path, tiny=False)
+    finally:
+        os.chdir(cwd)
+    config = os.path.basename(path)[len('memory_'):-3].removeprefix('gpu_').removesuffix('_r256')
+    assert g['mode'] == config and g['learning_rate'] == own['learning_rate']
+    rows = metrics(tmp_path)
+    assert [r['iter'] for r in rows if 'loss' in r] == [1, 2]
+    assert 0.0 <= rows[-1]['char_acc'] <= 1.0
