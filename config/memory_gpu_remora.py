@@ -1,4 +1,5 @@
-# One-GPU memory reproduction: ReMoRA r=8 (share <-> share_group), merging every 200 steps (4 periods in 800).
+# One-GPU memory reproduction: ReMoRA r=8 (share <-> share_group), a merge every 200 steps.
+# LR not yet swept (see README).
 # $ python train.py config/memory_gpu_remora.py
 exec(open('config/_memory_gpu.py').read())
 out_dir = 'out/memory_gpu_remora'
