@@ -9,7 +9,10 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
       `python data/text/prepare.py`), compile off and on: tok/s of the last log interval, peak RSS of the process.
     python bench.py --what all            # (a) + (b); --threads 2 (default), --quick for a short run
     python bench.py --what step --compile # (b) with torch.compile (~15 min on 2 CPU cores, mostly compiling)
+  (d) ops: aten ops (kernels, views excluded) per training step of a SmolLM2-shaped model under bf16 autocast, per
+      mode: on a GPU an eager step of a model this small costs about its number of kernel launches.
     python bench.py --what modes          # (c), ~25 min on 2 CPU cores; --device=cuda on a GPU
+    python bench.py --what ops            # (d), ~15 s
 """
 import argparse
 import json
@@ -21,6 +24,7 @@ import tempfile
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import adapters
@@ -177,9 +181,43 @@ def bench_modes(args):
                   f"{usage.ru_maxrss / 1024:>12.0f}")
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that reach the kernels (after autograd and autocast), views and allocations excluded."""
+    FREE = {'view', '_unsafe_view', 't', 'transpose', 'expand', 'as_strided', 'slice', 'select', 'unsqueeze',
+            'squeeze', 'permute', 'detach', 'alias', 'split', 'unbind', 'diagonal', 'unflatten', 'empty', 'empty_like',
+            'new_empty', 'empty_strided', 'new_empty_strided', 'lift_fresh'}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket.__name__ not in self.FREE
+        return func(*args, **(kwargs or {}))
+
+
+def bench_ops(args):
+    """(d): ops per forward + backward of SmolLM2-135M's shape (30 layers, width 576), byte vocab, bf16 autocast."""
+    cfg = ModelConfig(n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536, vocab_size=256,
+                      block_size=73)
+    print(f"\nops per training step (fwd + bwd), {cfg.n_layer} layers x 7 adapted projections, bf16 autocast")
+    for name, method, kind in [("full", None, None), ("lora r8", "lora", None), ("mora share r8", "mora", "share"),
+                               ("mora rope r8", "mora", "rope")]:
+        torch.manual_seed(0)
+        model = LLaMA(cfg)
+        if method:
+            adapters.attach(model, method, r=8, kind=kind)
+        x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+        with OpCounter() as ops:
+            with torch.autocast("cpu", torch.bfloat16):
+                _, loss = model(x, x)
+            loss.backward()
+        print(f"{name:>14} {ops.n:>6}")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", choices=["merge", "step", "modes", "all"], default="all")
+    ap.add_argument("--what", choices=["merge", "step", "modes", "ops", "all"], default="all")
     ap.add_argument("--device", default="cpu", help="modes only: cpu or cuda")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="r=8 only, smaller batch, fewer repeats")
@@ -197,3 +235,5 @@ if __name__ == "__main__":
         bench_step(args)
     if args.what == "modes":
         bench_modes(args)
+    if args.what == "ops":
+        bench_ops(args)
