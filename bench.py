@@ -201,6 +201,7 @@ def bench_ops(args):
     cfg = ModelConfig(n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536, vocab_size=256,
                       block_size=73)
     print(f"\nops per training step (fwd + bwd), {cfg.n_layer} layers x 7 adapted projections, bf16 autocast")
+    n_full = None
     for name, method, kind in [("full", None, None), ("lora r8", "lora", None), ("mora share r8", "mora", "share"),
                                ("mora rope r8", "mora", "rope")]:
         torch.manual_seed(0)
@@ -212,7 +213,9 @@ def bench_ops(args):
             with torch.autocast("cpu", torch.bfloat16):
                 _, loss = model(x, x)
             loss.backward()
-        print(f"{name:>14} {ops.n:>6}")
+        n_full = n_full or ops.n
+        extra = f" ({(ops.n - n_full) / (7 * cfg.n_layer):+.1f} per adapter)" if method else ""
+        print(f"{name:>14} {ops.n:>6}{extra}")
 
 
 if __name__ == "__main__":
