@@ -124,13 +124,17 @@ def _rope_tables(r_hat, n, device, dtype):
     return (_build_rope_tables if torch.compiler.is_compiling() else _cached_rope_tables)(r_hat, n, device, dtype)
 
 
+def _rotate_half_cols(M):
+    """M̄ = [M[:, h:], -M[:, :h]], h = r_hat/2: the rotate-half pairing (m, m + h) applied to M's columns."""
+    h = M.shape[1] // 2
+    return torch.cat([M[:, h:], -M[:, :h]], dim=1)
+
+
 def _rope_blocks(M, nb):
-    """B_i = M·R_i for the chunks i < nb, (nb, r_hat, r_hat): (M·R_i)[:, c] = M[:, c]·cos(iθ_c) + M̄[:, c]·sin(iθ_c),
-    M̄ = [M[:, h:], -M[:, :h]] (rotate-half pairing (m, m + h), h = r_hat/2; SPEC 2.4)."""
-    r_hat = M.shape[0]
-    cos, sin = _rope_tables(r_hat, nb, M.device, M.dtype)
-    Mbar = torch.cat([M[:, r_hat // 2:], -M[:, :r_hat // 2]], dim=1)
-    return M * cos[:, None, :] + Mbar * sin[:, None, :]
+    """B_i = M·R_i for the chunks i < nb, (nb, r_hat, r_hat): (M·R_i)[:, c] = M[:, c]·cos(iθ_c) + M̄[:, c]·sin(iθ_c)
+    (SPEC 2.4)."""
+    cos, sin = _rope_tables(M.shape[0], nb, M.device, M.dtype)
+    return M * cos[:, None, :] + _rotate_half_cols(M) * sin[:, None, :]
 
 
 class _BlockDiagMatmul(torch.autograd.Function):
@@ -300,7 +304,7 @@ def mora_add_(W: torch.Tensor, M: torch.Tensor, kind: str, alpha: float = 1.0) -
             cos, sin = _rope_tables(r_hat, nb, M.device, M.dtype)
             # B_b = M·R_b column-wise: M cos + Mbar sin (as _rope_blocks), added straight into W's diagonal view
             # (building the nb stacked blocks first costs nb·r_hat² extra memory traffic: 2-3x slower at r = 256)
-            Mbar = torch.cat([M[:, r_hat // 2:], -M[:, :r_hat // 2]], dim=1)
+            Mbar = _rotate_half_cols(M)
         P = d // L  # whole output periods (D_rope tiles with period L), then a partial one
         if P:
             _blocks_add_(W[:P * L].unflatten(0, (P, L)), M, Mbar, cos, sin, k)
