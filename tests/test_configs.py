@@ -24,16 +24,12 @@ def test_every_config_names_its_command():
 
 
 @pytest.mark.parametrize('path', [p for p in CONFIGS if 'pretrain_' in p])
-def test_pretrain_config_runs(path, stream_ds, tmp_path):
+def test_pretrain_config_runs(path, stream_ds, tmp_path, monkeypatch):
     """The real config with only the data swapped for a tiny byte stream (same tokenizer) and 3 steps."""
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # config files exec their shared part by a path relative to the repo root
-    try:
-        run_train([path, f'--dataset={stream_ds}', '--max_iters=3', '--eval_interval=3', '--eval_iters=1',
-                   '--log_interval=1', '--device=cpu', '--merge_every=0' if 'relora' not in path and 'remora' not in path
-                   else '--merge_every=2'], tmp_path, tiny=False)
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(ROOT)  # config files exec their shared part by a path relative to the repo root
+    run_train([path, f'--dataset={stream_ds}', '--max_iters=3', '--eval_interval=3', '--eval_iters=1',
+               '--log_interval=1', '--device=cpu', '--merge_every=0' if 'relora' not in path and 'remora' not in path
+               else '--merge_every=2'], tmp_path, tiny=False)
     rows = metrics(tmp_path)
     assert [r['iter'] for r in rows if 'loss' in r] == [1, 2, 3]
     assert all(r['loss'] < 6.5 for r in rows if 'loss' in r)
@@ -48,22 +44,19 @@ def byte_pairs(tmp_path_factory):
 
 
 @pytest.mark.parametrize('path', [p for p in CONFIGS if 'memory_' in p])
-def test_memory_config_runs(path, byte_pairs, tmp_path):
+def test_memory_config_runs(path, byte_pairs, tmp_path, monkeypatch):
     """Each memory config's own mode, kind, LR and schedule, on the tiny byte-level model instead of SmolLM2 (the GPU
     run is minutes of GPU): 2 steps, its restarts or boosters every step, char accuracy at the end."""
     every = {'relora': ['--merge_every=1', '--restart_warmup=1'], 'remora': ['--merge_every=1', '--restart_warmup=1'],
              'xgblora': ['--booster_steps=1', '--booster_blocks=1']}
     mode_args = next((v for k, v in every.items() if k in path), [])
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # config files exec their shared part by a path relative to the repo root
-    try:  # after the config: the tiny model (block 96 holds a prompt + 44 decoded bytes), then the run's length
-        own = {}
-        exec(open(path).read(), own)  # what the config itself sets
-        tiny = [a for a in TINY if not a.startswith(('--learning_rate', '--warmup_iters'))]  # keep the config's
-        g = run_train([path, *tiny, '--block_size=96', f'--dataset={byte_pairs}', '--max_iters=2', '--eval_interval=2',
-                       '--eval_iters=1', '--char_acc_pairs=2', *mode_args], tmp_path, tiny=False)
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(ROOT)  # config files exec their shared part by a path relative to the repo root
+    own = {}
+    exec(open(path).read(), own)  # what the config itself sets
+    tiny = [a for a in TINY if not a.startswith(('--learning_rate', '--warmup_iters'))]  # keep the config's
+    # after the config: the tiny model (block 96 holds a prompt + 44 decoded bytes), then the run's length
+    g = run_train([path, *tiny, '--block_size=96', f'--dataset={byte_pairs}', '--max_iters=2', '--eval_interval=2',
+                   '--eval_iters=1', '--char_acc_pairs=2', *mode_args], tmp_path, tiny=False)
     config = os.path.basename(path)[len('memory_'):-3].removeprefix('gpu_').removesuffix('_r256')
     assert g['mode'] == config and g['learning_rate'] == own['learning_rate']
     rows = metrics(tmp_path)
