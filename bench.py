@@ -7,10 +7,10 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
       authors' code computes it (authors_rope below), for the "faster than the reference" comparison.
   (c) modes: the real train.py for each of the six modes on that small LLaMA (byte vocab, Shakespeare from
       `python data/text/prepare.py`), compile off and on: tok/s of the last log interval, peak RSS of the process.
-    python bench.py --what all            # (a) + (b); --threads 2 (default), --quick for a short run
-    python bench.py --what step --compile # (b) with torch.compile (~15 min on 2 CPU cores, mostly compiling)
   (d) ops: aten ops (kernels, views excluded) per training step of a SmolLM2-shaped model under bf16 autocast, per
       mode: on a GPU an eager step of a model this small costs about its number of kernel launches.
+    python bench.py --what all            # (a) + (b); --threads 2 (default), --quick for a short run
+    python bench.py --what step --compile # (b) with torch.compile (~15 min on 2 CPU cores, mostly compiling)
     python bench.py --what modes          # (c), ~25 min on 2 CPU cores; --device=cuda on a GPU
     python bench.py --what ops            # (d), ~15 s
 """
