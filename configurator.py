@@ -1,7 +1,7 @@
 """nanoGPT-style config overrides, hardened: a script's module-level globals (`lr = 3e-4  # peak lr`) are overridden by
 `configure(globals(), sys.argv[1:], __file__)`: `python train.py config/x.py --lr=1e-4`; `--help` lists keys + comments.
 Unknown keys and wrong types exit 2 with a one-line message. Derived values (device, dtype) are the caller's, after."""
-import ast, difflib, io, os, sys, tokenize
+import ast, difflib, io, os, sys, tokenize, typing
 
 SIMPLE = (int, float, bool, str, type(None), tuple, list)
 
@@ -9,13 +9,19 @@ def die(msg):  # bad input is the user's to fix: one line, exit 2, no traceback 
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
-def _checked(key, value, defaults):  # value converted to the type of key's default, or exit 2 naming the key
+def _checked(key, value, defaults, hints={}):  # value converted to the key's type, or exit 2 naming the key
     if key not in defaults:
         hint = ([k for k in defaults if "".join(w[:1] for w in k.split("_")) == key]  # lr -> learning_rate
                 or difflib.get_close_matches(key, list(defaults), n=1) or [k for k in defaults if k.startswith(key)])
         die(f"unknown config key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     want = type(defaults[key])
-    if defaults[key] is None or type(value) is want:  # None defaults take anything; bool is never an int here
+    if key in hints:  # annotated key (`compile: bool | None = None`): one of its types, ints promoted to float
+        kinds = typing.get_args(hints[key]) or (hints[key],)
+        if type(value) in kinds or (float in kinds and type(value) is int):
+            return float(value) if type(value) is int and int not in kinds else value
+        die(f"config key {key!r} expects {' | '.join(k.__name__.replace('NoneType', 'None') for k in kinds)}, "
+            f"got {type(value).__name__} {value!r}")
+    if defaults[key] is None or type(value) is want:  # unannotated None defaults take anything; bool is no int
         return value
     if (want is float and type(value) is int) or (want in (tuple, list) and type(value) in (tuple, list)):
         return want(value)  # int -> float promotion; a list given for a tuple key (or back)
@@ -28,10 +34,12 @@ def configure(globals_: dict, argv: list[str], source_file: str, keys: list[str]
     comments = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
                 if t.type == tokenize.COMMENT}
     body = [n for top in ast.parse(src).body for n in (top.body if isinstance(top, ast.If) else [top])]  # + __main__
-    lines = {n.targets[0].id: n.end_lineno for n in body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
+    named = [(n.target if isinstance(n, ast.AnnAssign) else n.targets[0], n) for n in body  # x = 1, x: int = 1
+             if isinstance(n, (ast.Assign, ast.AnnAssign))]
+    lines = {t.id: n.end_lineno for t, n in reversed(named) if isinstance(t, ast.Name)}  # the first one
     keys = keys or [k for k in lines if k in globals_ and not k.startswith("_") and not k.isupper()  # UPPER = constant
                     and isinstance(globals_[k], SIMPLE)]
-    defaults = {k: globals_[k] for k in keys}
+    defaults, hints = {k: globals_[k] for k in keys}, globals_.get("__annotations__", {})
     if "--help" in argv or "-h" in argv:  # defaults as written in the source, before any override
         print(f"usage: python {os.path.relpath(source_file)} [config_file.py ...] [--key=value ...]\n")
         for k, v in defaults.items():
@@ -44,7 +52,7 @@ def configure(globals_: dict, argv: list[str], source_file: str, keys: list[str]
                 die(f"config file {arg!r} not found (overrides are written --key=value)")
             ns = dict(config)
             exec(compile(open(arg).read(), arg, "exec"), ns)
-            config.update({k: _checked(k, v, defaults) for k, v in ns.items() if not k.startswith("_") and isinstance(v, SIMPLE)})
+            config.update({k: _checked(k, v, defaults, hints) for k, v in ns.items() if not k.startswith("_") and isinstance(v, SIMPLE)})
             continue
         key, eq, text = arg[2:].partition("=")
         if not eq:
@@ -55,6 +63,6 @@ def configure(globals_: dict, argv: list[str], source_file: str, keys: list[str]
             value = text
         if isinstance(defaults.get(key), str) and not isinstance(value, str):
             value = text  # --out_dir=2024 stays a string for a string key
-        config[key] = _checked(key, value, defaults)
+        config[key] = _checked(key, value, defaults, hints)
     globals_.update(config)
     return config

@@ -60,7 +60,7 @@ r = 8  # LoRA rank; MoRA picks r_hat = sqrt((in+out)*r) for the same parameter c
 alpha = 16.0  # LoRA scale = alpha / r (MoRA has no alpha)
 mora_kind = 'auto'  # share | share_group | share_group_tile | share_fold_group | rope | decouple | truncate | auto
 dropout = 0.0  # dropout on the adapter input
-train_rest = None  # adapter modes also train embeddings, norms and lm_head (None = only from scratch)
+train_rest: bool | None = None  # adapter modes also train embeddings, norms and lm_head (None = only from scratch)
 # merge-and-restart (relora, remora)
 merge_every = 0  # optimizer steps between merges (0 = never)
 restart_warmup = 50  # steps of linear LR re-warm after each restart
@@ -88,7 +88,7 @@ min_lr = 0.0  # LR at the end of decay (0 = learning_rate / 10)
 # system
 device = 'auto'  # 'cpu' | 'cuda' | 'cuda:1' | 'auto'
 dtype = 'auto'  # float32 | bfloat16 | float16 (autocast; weights stay fp32) | auto
-compile = None  # torch.compile the model (None = on for CUDA, off on CPU)
+compile: bool | None = None  # torch.compile the model (None = on for CUDA, off on CPU)
 seed = 1337  # model init, adapters, dropout, data order
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:], __file__)

@@ -103,3 +103,26 @@ def test_keys_under_main_guard(tmp_path):
     assert p.returncode == 0 and ast.literal_eval(p.stdout) == {"split": "val", "eval_iters": 5}, p.stderr
     p = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
     assert "--split='val'  # which split" in p.stdout and "UUID_LEN" not in p.stdout
+
+
+def test_annotated_none_default_checks_its_types(tmp_path):
+    """`key: bool | None = None` takes only those types (an unannotated None default takes anything); a key
+    assigned again after configure() (derived values) keeps the comment of its first line in --help."""
+    script = tmp_path / "annotated.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nfrom configurator import configure\n"
+                      "compile: bool | None = None  # compile (None = auto)\nclip: float | None = None  # clip\n"
+                      "config = configure(globals(), sys.argv[1:], __file__)\n"
+                      "compile = False if compile is None else compile\nprint(repr(config))\n")
+    run = lambda *a: subprocess.run([sys.executable, str(script), *a], capture_output=True, text=True)
+    p = run("--compile=True", "--clip=1")
+    assert p.returncode == 0 and ast.literal_eval(p.stdout) == {"compile": True, "clip": 1.0}, p.stderr
+    assert type(ast.literal_eval(p.stdout)["clip"]) is float
+    assert ast.literal_eval(run("--compile=None").stdout) == {"compile": None, "clip": None}
+    for arg, want in [("--compile=yes", "expects bool | None, got str 'yes'"), ("--compile=1", "got int 1"),
+                      ("--clip=fast", "expects float | None")]:
+        p = run(arg)
+        assert_one_line_error(p.returncode, p.stderr, want)
+    (tmp_path / "cfg.py").write_text("compile = 'yes'\n")
+    p = run(str(tmp_path / "cfg.py"))
+    assert_one_line_error(p.returncode, p.stderr, "'compile' expects bool | None")
+    assert "--compile=None  # compile (None = auto)" in run("--help").stdout
