@@ -9,6 +9,7 @@ $ python eval.py --plot=out/memory_lora,out/memory_mora --plot_file=assets/memor
 import json
 import math
 import os
+import re
 import sys
 import zipfile
 from contextlib import nullcontext
@@ -94,8 +95,16 @@ def build_model(config, device='cpu'):
 
 def load_checkpoint(path):
     """torch.load of a ckpt.pt with weights_only=True (no code runs); a cut-off or damaged file is a ValueError."""
+    bad = ValueError(f"{path} is truncated or corrupted (not a complete torch.save archive)")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: a cut-off file lacks its central directory
-        raise ValueError(f"{path} is truncated or corrupted (not a complete torch.save archive)")
+        raise bad
+    try:  # torch.load checks no CRC: a flipped byte in a tensor would load silently (testzip reads ~1 GB/s)
+        with zipfile.ZipFile(path) as z:
+            damaged = z.testzip()
+    except (zipfile.BadZipFile, OSError) as e:  # a damaged record header
+        raise bad from e
+    if damaged:
+        raise ValueError(f"{path} is truncated or corrupted (record {damaged} fails its CRC)")
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
@@ -128,10 +137,13 @@ def plot_curves(run_dirs, plot_file):
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.exit("error: --plot needs matplotlib (pip install matplotlib)")
+        raise ImportError("--plot needs matplotlib (pip install matplotlib)") from None
     runs = {}
     for run in run_dirs:
-        with open(os.path.join(run, 'metrics.jsonl')) as f:
+        path = os.path.join(run, 'metrics.jsonl')
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: --plot takes run dirs that train.py wrote")
+        with open(path) as f:
             runs[os.path.basename(os.path.normpath(run))] = [json.loads(line) for line in f]
     keys = [k for k in PANELS if any(k in r for rows in runs.values() for r in rows)]  # panels some run has
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
@@ -167,8 +179,13 @@ if __name__ == '__main__':
     # -----------------------------------------------------------------------------
     cfg = configure(globals(), sys.argv[1:], __file__)
     if plot:
-        plot_curves(plot.split(','), plot_file)
+        try:
+            plot_curves(plot.split(','), plot_file)
+        except (ImportError, FileNotFoundError) as e:
+            die(e)
         sys.exit(0)
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', device) or ('cuda' in device and not torch.cuda.is_available()):
+        die(f"device={device!r}: use cpu, or cuda / cuda:<index> where torch sees a GPU")
     try:  # the expected failures of a missing or mismatched run, base or dataset; anything else keeps its traceback
         model, ckpt = load_run(out_dir, device)
         run = ckpt['config']

@@ -37,7 +37,7 @@ def short_name(tokenizer_spec: str) -> str:
     return re.sub(r"[^a-z0-9_.]", "_", name) or "tok"
 
 
-def _replace_atomically(tmp, path):
+def replace_atomically(tmp, path):  # fsync, then rename: a crash leaves the old file or the new one, whole
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -77,12 +77,12 @@ def _write_split(out_dir, split, seqs, masks, kind, vocab_size):
                 buffered = 0
         _flush(f, bufs, dtype)
         _flush(fm, mbufs, np.uint8)
-    _replace_atomically(base + ".bin.tmp", base + ".bin")
+    replace_atomically(base + ".bin.tmp", base + ".bin")
     if masks is not None:
-        _replace_atomically(base + ".mask.bin.tmp", base + ".mask.bin")
+        replace_atomically(base + ".mask.bin.tmp", base + ".mask.bin")
     if kind == "examples":
         np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64).tofile(base + ".idx.bin.tmp")
-        _replace_atomically(base + ".idx.bin.tmp", base + ".idx.bin")
+        replace_atomically(base + ".idx.bin.tmp", base + ".idx.bin")
     return {"tokens": int(sum(lengths)), "examples": len(lengths) if kind == "examples" else None,
             "max_token": max_token}
 
@@ -111,7 +111,7 @@ def write_dataset(out_dir, splits: dict, meta: dict, masks: dict | None = None, 
             **{k: v for k, v in meta.items() if k not in ("kind", "tokenizer", "vocab_size", "dtype", "splits")}}
     with open(meta_path + ".tmp", "w") as f:
         json.dump(meta, f, indent=2)
-    _replace_atomically(meta_path + ".tmp", meta_path)
+    replace_atomically(meta_path + ".tmp", meta_path)
     return meta
 
 
