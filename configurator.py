@@ -36,7 +36,10 @@ def configure(globals_: dict, argv: list[str], source_file: str, keys: list[str]
     body = [n for top in ast.parse(src).body for n in (top.body if isinstance(top, ast.If) else [top])]  # + __main__
     named = [(n.target if isinstance(n, ast.AnnAssign) else n.targets[0], n) for n in body  # x = 1, x: int = 1
              if isinstance(n, (ast.Assign, ast.AnnAssign))]
-    lines = {t.id: n.end_lineno for t, n in reversed(named) if isinstance(t, ast.Name)}  # the first one
+    lines = {}
+    for t, n in named:  # a key's first assignment: the one with the comment, not a derived value's
+        if isinstance(t, ast.Name):
+            lines.setdefault(t.id, n.end_lineno)
     keys = keys or [k for k in lines if k in globals_ and not k.startswith("_") and not k.isupper()  # UPPER = constant
                     and isinstance(globals_[k], SIMPLE)]
     defaults, hints = {k: globals_[k] for k in keys}, globals_.get("__annotations__", {})

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adapters
 from configurator import configure, die
-from data import Dataset
+from data import Dataset, replace_atomically
 from eval import build_model, char_accuracy, estimate_loss, load_checkpoint, memory_pairs
 from model import ModelConfig, RMSNorm
 from tokenizer import load_tokenizer
@@ -124,6 +125,12 @@ if restarts and not merge_every:  # a restart mode that never restarts is silent
     die(f"mode={mode!r} merges every merge_every steps: set merge_every >= 1 (0 trains plain {mode[2:]})")
 if mode == 'remora' and mora_kind not in ('auto', *adapters.SHARE_KINDS):
     die(f"remora switches between share kinds; mora_kind={mora_kind!r} is not one of {' | '.join(adapters.SHARE_KINDS)}")
+if init_from == 'scratch' and (n_head % n_kv_head or n_embd % n_head):
+    die(f"n_head={n_head} must be a multiple of n_kv_head={n_kv_head}, and n_embd={n_embd} of n_head")
+if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', device):
+    die(f"device={device!r} is not one of auto | cpu | cuda | cuda:<index>")
+if 'cuda' in device and not torch.cuda.is_available():
+    die(f"device={device!r} but torch {torch.__version__} sees no CUDA GPU (use --device=cpu)")
 
 # derived settings (after overrides)
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -146,11 +153,12 @@ if gradient_accumulation_steps % world:
 grad_accum = gradient_accumulation_steps // world
 lr_decay_iters = lr_decay_iters or max_iters
 min_lr = min_lr or learning_rate / 10
-torch.manual_seed(seed + rank)
+torch.manual_seed(seed)  # the model and adapters: the same on every rank
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # fp16 gradients underflow unscaled
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)  # flushed: tee and nohup show progress
 
@@ -192,12 +200,17 @@ if mode == 'full' or (method and (train_rest or (train_rest is None and init_fro
         p.requires_grad_(True)
 rest_params = [p for p in rest if p.requires_grad and mode != 'full']
 adapted_weights = [m.weight for m in model.modules() if getattr(m, 'adapter', None) is not None]
-if warm_start:
-    for p in adapted_weights:  # full-rank phase: the adapted weights train directly, the adapters wait
-        p.requires_grad_(True)
+trainable = [p for p in model.parameters() if p.requires_grad] + (adapted_weights if warm_start else [])
+
+
+def hand_over(full_rank):
+    """warm_start: the adapted weights train at full rank (full_rank=True), then the adapters take over."""
+    for p in adapted_weights:
+        p.requires_grad_(full_rank)
+        if not full_rank:
+            optimizer.state.pop(p, None)
     for p in adapter_params:
-        p.requires_grad_(False)
-trainable = [p for p in model.parameters() if p.requires_grad] + (adapter_params if warm_start else [])
+        p.requires_grad_(not full_rank)
 n_train, n_total = sum(p.numel() for p in dict.fromkeys(trainable)), sum(p.numel() for p in model.parameters())
 
 # what a checkpoint must hold: every tensor that can differ from the base
@@ -211,6 +224,7 @@ no_decay = [p for p in dict.fromkeys(trainable) if p.dim() < 2]
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
 
+torch.manual_seed(seed + rank)  # dropout: each rank its own stream
 iter_num = 0
 if resume:
     path = os.path.join(out_dir, 'ckpt.pt')
@@ -219,9 +233,12 @@ if resume:
     ckpt = setup(load_checkpoint, path)
     changed = {k: (ckpt['config'].get(k), v) for k, v in config.items()  # model_config: through its shape keys
                if ckpt['config'].get(k) != v and k not in (*MAY_CHANGE, 'model_config')}
+    if not ckpt['config']['lr_decay_iters'] and ckpt['config']['max_iters'] != max_iters:
+        changed['max_iters'] = (ckpt['config']['max_iters'], max_iters)  # it sets the decay: every LR would change
     if changed:
         die(f"cannot resume {out_dir} with a changed config: " + ', '.join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
-            changed.items()) + f" (a resume may change only {', '.join(MAY_CHANGE)})")
+            changed.items()) + f" (a resume may change only {', '.join(MAY_CHANGE)}; max_iters only with"
+            f" lr_decay_iters set, else the decay follows it)")
     if ckpt['base_fingerprint'] != base_fingerprint:
         die(f"{path} was trained on another base than {init_from} (base fingerprint differs)")
     if mode == 'remora':  # the current kind of a ReMoRA run comes from the checkpoint, never from the config
@@ -229,17 +246,29 @@ if resume:
         adapters.switch_kind_(model, kind)
     model.load_state_dict(ckpt['model'], strict=False)
     optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
     iter_num = ckpt['iter_num']
-    torch.set_rng_state(ckpt['rng']['torch'])
-    if device_type == 'cuda':
-        torch.cuda.set_rng_state(ckpt['rng']['cuda'])
+    if len(ckpt['rng']) == world:  # every rank continues its own dropout stream
+        torch.set_rng_state(ckpt['rng'][rank]['torch'])
+        if device_type == 'cuda' and ckpt['rng'][rank]['cuda'] is not None:  # a CPU run may resume on a GPU
+            torch.cuda.set_rng_state(ckpt['rng'][rank]['cuda'])
+    else:  # another process count: fresh dropout streams, as from a new seed
+        torch.manual_seed(seed + rank + 1000003 * iter_num)
+        log(f"resume: saved by {len(ckpt['rng'])} processes, now {world}: dropout streams re-seeded")
     del ckpt
+if warm_start:
+    hand_over(full_rank=iter_num < warm_start)
 
 raw_model = model  # uncompiled handle for saving, eval and merges (no _orig_mod. keys)
-if compile:
-    model = torch.compile(model)
-if ddp:
-    model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+
+
+def wrap(m):
+    """The model the loop calls: compiled, and under DDP wrapped for the tensors that require grad now."""
+    m = torch.compile(m) if compile else m
+    return DDP(m, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None) if ddp else m
+
+
+model = wrap(raw_model)
 
 
 def envelope(it, start, peak):
@@ -254,13 +283,22 @@ def get_lr(it):
     re-warm linearly over restart_warmup steps back onto it (SPEC 3). A pure function of it and the config."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    if not restarts or it < warm_start + merge_every:
+    first = warm_start + merge_every  # step of the first restart
+    if not restarts or it < first:
         return envelope(it, warmup_iters, learning_rate)
     last = warm_start + (it - warm_start) // merge_every * merge_every  # step of the latest restart
     if lr_envelope == 'jagged':  # ReLoRA: one global envelope, cut to 0 at each restart
-        target = lambda t: envelope(t, warmup_iters, learning_rate)
-    else:  # MoRA code: a fresh decay from the LR the run had at the restart
-        target = lambda t: envelope(t, last, get_lr(last - 1))
+        return rewarmed(it, last, lambda t: envelope(t, warmup_iters, learning_rate))
+    # MoRA code: each period decays afresh from the LR the run had just before its restart (a loop, not a
+    # recursion: runs have thousands of restarts)
+    peak = get_lr(first - 1)
+    for start in range(first, last, merge_every):
+        peak = rewarmed(start + merge_every - 1, start, lambda t: envelope(t, start, peak))
+    return rewarmed(it, last, lambda t: envelope(t, last, peak))
+
+
+def rewarmed(it, last, target):
+    """target's LR at step it, ramped linearly from 0 over the restart_warmup steps after the restart at last."""
     k = it - last
     return target(it) if k >= restart_warmup else target(last + restart_warmup) * (k + 1) / (restart_warmup + 1)
 
@@ -282,21 +320,50 @@ def reset_state(params):
             optimizer.state.pop(p, None)
 
 
-def save_checkpoint():
-    """Atomic write (temp file, then os.replace) of everything resume needs, from the uncompiled model."""
+def reinit_adapters():
+    """Fresh adapters drawn from (seed, step), not from the dropout stream: every rank draws the same ones (else
+    each would merge a different dW into its copy of W), and a resumed run draws what the straight one did."""
+    with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []):
+        torch.manual_seed(seed * 1000003 + iter_num)
+        adapters.reinit_(raw_model)
+
+
+def rng_states():
+    """Every rank's RNG states, gathered (a collective: all ranks call it); rank i resumes from entry i."""
+    state = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    states = [None] * world
+    dist.all_gather_object(states, state) if ddp else states.__setitem__(0, state)
+    return states
+
+
+def save_checkpoint(rng):
+    """Atomic write (temp file, fsync, os.replace) of everything resume needs, from the uncompiled model.
+    Returns None, or the error line of a failed write (disk full), which leaves ckpt.pt as it was."""
     sd = raw_model.state_dict()
     ckpt = {'model': {k: sd[k] for k in saved_keys}, 'optimizer': optimizer.state_dict(), 'config': config,
             'iter_num': iter_num, 'adapters': adapters.settings(raw_model) if method else None,
-            'base_fingerprint': base_fingerprint,
-            'rng': {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
+            'base_fingerprint': base_fingerprint, 'scaler': scaler.state_dict(), 'rng': rng}
     tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
-    try:  # a failed write (disk full) leaves ckpt.pt as it was and no partial temp file behind
+    try:  # torch.save's zip writer reports a full disk as a RuntimeError, not an OSError
         torch.save(ckpt, tmp)
-    except OSError as e:
-        if os.path.exists(tmp):
+        replace_atomically(tmp, os.path.join(out_dir, 'ckpt.pt'))
+    except (OSError, RuntimeError) as e:
+        if os.path.lexists(tmp):
             os.remove(tmp)
-        die(f"could not write {tmp} ({e}); {out_dir}/ckpt.pt still holds the previous checkpoint")
-    os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
+        return f"could not write {tmp} ({e}); {out_dir}/ckpt.pt still holds the previous checkpoint"
+
+
+def everyone(error):
+    """End every rank on rank 0's error (a failed save, a diverged eval): alone, the others would wait in their
+    next collective forever. All ranks call it at the same point; one error line, exit 2."""
+    if ddp:
+        box = [error]
+        dist.broadcast_object_list(box)
+        error = box[0]
+        if error:
+            dist.destroy_process_group()
+    if error:
+        die(error) if master else sys.exit(2)
 
 
 def write_metrics(row):
@@ -338,39 +405,42 @@ if master:
         f.writelines(rows)
 pairs = memory_pairs(ds, char_acc_pairs)
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter * (1 if mode == 'full' else 2 / 3)
-peak_flops = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
-peak = next((v for k, v in peak_flops.items() if device_type == 'cuda' and k in torch.cuda.get_device_name()), None)
+# dense bf16 peaks; a GPU matches by whole words of its name ('NVIDIA A100-SXM4-80GB'): 'L4' is no L40S, 'A10' no A10G
+peak_flops = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'L4': 121e12,
+              'A10': 125e12, '4090': 165e12}
+gpu_words = set(re.split(r'[\s-]+', torch.cuda.get_device_name(device))) if device_type == 'cuda' else set()
+peak = next((v for k, v in peak_flops.items() if set(k.split()) <= gpu_words), None)
 if method == 'booster':
     adapters.set_gates_(raw_model, boosters_at(iter_num))
     boosters = [(int(name.split('.')[1]), m.adapter) for name, m in raw_model.named_modules()
                 if getattr(m, 'adapter', None) is not None]  # (block index, booster) of every layers.<i>.* module
 t_start = t_log = time.time()  # t_log: start of the log interval
 t_eval = 0.0  # seconds of the log interval spent in evals (not counted in ms/iter)
+stop = False  # every rank's decision to stop after this step (a Ctrl-C on any of them)
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and master:
+    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         t_eval -= time.time()
-        row = {'iter': iter_num, 'val_loss': estimate_loss(raw_model, ds, 'val', batch_size, block_size, eval_iters, device, ctx)}
-        if pairs:
-            row['char_acc'] = char_accuracy(raw_model, tok, pairs, device, ctx)
-        evals = f"val loss {row['val_loss']:.4f}" + (f" | char_acc {100 * row['char_acc']:.1f}%" if pairs else '')
-        log(f"eval {iter_num} | {evals}")
-        write_metrics(row)
-        if iter_num > 0 and not eval_only:
-            if not math.isfinite(row['val_loss']):  # never replace the last good checkpoint with a diverged model
-                die(f"non-finite val loss at iter {iter_num}; not saved, {out_dir}/ckpt.pt keeps the last good state")
-            save_checkpoint()
+        rng, error = rng_states(), None
+        if master:
+            row = {'iter': iter_num, 'val_loss': estimate_loss(raw_model, ds, 'val', batch_size, block_size, eval_iters, device, ctx)}
+            if pairs:
+                row['char_acc'] = char_accuracy(raw_model, tok, pairs, device, ctx)
+            evals = f"val loss {row['val_loss']:.4f}" + (f" | char_acc {100 * row['char_acc']:.1f}%" if pairs else '')
+            log(f"eval {iter_num} | {evals}")
+            write_metrics(row)
+            if iter_num > 0 and not eval_only:  # never replace the last good checkpoint with a diverged model
+                error = (save_checkpoint(rng) if math.isfinite(row['val_loss']) else
+                         f"non-finite val loss at iter {iter_num}; not saved, {out_dir}/ckpt.pt keeps the last good state")
+        everyone(error)
         t_eval += time.time()
-    if iter_num >= max_iters or eval_only or stop_requested:
+    if iter_num >= max_iters or eval_only or stop:
         break
     if warm_start and iter_num == warm_start:  # full-rank warm start over: freeze the base, hand over to adapters
-        for p in adapted_weights:
-            p.requires_grad_(False)
-            optimizer.state.pop(p, None)
-        for p in adapter_params:
-            p.requires_grad_(True)
+        hand_over(full_rank=False)
+        model = wrap(raw_model)  # DDP reduces the gradients of what required grad when it was built
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         x, y = ds.get_batch('train', batch_size, block_size, seed, iter_num, micro, grad_accum, rank, world)
@@ -379,7 +449,7 @@ while True:
             model.require_backward_grad_sync = micro == grad_accum - 1
         with ctx:
             _, loss = model(x, y)
-        (loss / grad_accum).backward()
+        scaler.scale(loss / grad_accum).backward()
         loss_sum += loss.detach()
     if method == 'booster':  # unsampled boosters: no grad at all, so AdamW (decay included) leaves them alone
         active = boosters_at(iter_num)
@@ -387,15 +457,17 @@ while True:
             if i not in active:
                 b.A.grad = b.B.grad = None
     if grad_clip:
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-    optimizer.step()
+    scaler.step(optimizer)  # = optimizer.step() unless dtype is float16: then unscaled, skipped on inf/nan grads
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
 
     # merge-and-restart (SPEC 3) and booster boundaries (SPEC 4): every state change of a run is here
     if restarts and iter_num > warm_start and (iter_num - warm_start) % merge_every == 0:
         adapters.merge_(raw_model)  # W <- W + dW in fp32
-        adapters.reinit_(raw_model)  # same Parameter objects: LoRA A Kaiming, B = 0; MoRA M = 0
+        reinit_adapters()  # same Parameter objects: LoRA A Kaiming, B = 0; MoRA M = 0
         if mode == 'remora':
             kind = adapters.next_kind(kind, remora_cycle)
             adapters.switch_kind_(raw_model, kind)
@@ -404,18 +476,20 @@ while True:
             + (f", next kind {kind}" if mode == 'remora' else '') + f", optimizer state {optimizer_reset}ed")
     if method == 'booster' and iter_num % booster_steps == 0:
         adapters.merge_(raw_model, alpha=booster_alpha)  # only gated-on boosters carry a dW
-        adapters.reinit_(raw_model)
+        reinit_adapters()
         reset_state(adapter_params)
         adapters.set_gates_(raw_model, boosters_at(iter_num))
         log(f"booster {iter_num // booster_steps}: merged, now training blocks {sorted(boosters_at(iter_num))}")
 
-    if iter_num % log_interval == 0 and ddp:  # the logged loss is the global batch's, as with one process
-        dist.all_reduce(loss_sum)
-        loss_sum /= world
+    stop = stop_requested  # a Ctrl-C during this step: stop after it
+    if ddp:  # one decision on every rank: the global batch's loss, and a Ctrl-C on any rank stops all at this step
+        flags = torch.stack([loss_sum, torch.tensor(float(stop), device=device)])
+        dist.all_reduce(flags)  # (on CUDA the .item() below syncs every step: the price of stopping together)
+        loss_sum, stop = flags[0] / world, flags[1].item() > 0
     # a non-finite loss stops the run before any save, so ckpt.pt keeps the last good state. .item() waits for the
     # device: on CUDA that sync would stall every step, so check at log intervals only, where the log line syncs anyway
     if (device_type == 'cpu' or iter_num % log_interval == 0) and not math.isfinite(loss_sum.item()):
-        die(f"non-finite loss at iter {iter_num}; {out_dir}/ckpt.pt keeps the last good state (lower learning_rate?)")
+        everyone(f"non-finite loss at iter {iter_num}; {out_dir}/ckpt.pt keeps the last good state (lower learning_rate?)")
     if iter_num % log_interval == 0 and master:
         loss_val = loss_sum.item() / grad_accum
         dt = (time.time() - t_log - t_eval) / log_interval  # .item() above waited for the device
@@ -428,8 +502,9 @@ while True:
             + (f" | mfu {100 * row['mfu']:.1f}%" if peak else '') + f" | eta {eta / 60:.1f}m")
         write_metrics(row)
 
-if stop_requested and master:
-    save_checkpoint()
+if stop:
+    rng = rng_states()
+    everyone(save_checkpoint(rng) if master else None)
     log(f"interrupted: saved {out_dir}/ckpt.pt at iter {iter_num}; continue with --resume=True")
 elif master and not eval_only:
     log(f"done: {iter_num} iters in {(time.time() - t_start) / 60:.1f} min | {evals} | checkpoint {out_dir}/ckpt.pt"
@@ -437,5 +512,5 @@ elif master and not eval_only:
 if ddp:
     dist.barrier()  # teardown together: a rank that leaves while rank 0 still evals and saves aborts gloo
     dist.destroy_process_group()
-if stop_requested:
+if stop:
     sys.exit(130)

@@ -140,7 +140,7 @@ def test_foreign_base_is_refused_by_resume_eval_and_merge(stream_ds, run_dir, ca
     ckpt = torch.load(run_dir / 'ckpt.pt', weights_only=True)
     ckpt['base_fingerprint'] = '0' * len(ckpt['base_fingerprint'])
     torch.save(ckpt, run_dir / 'ckpt.pt')
-    fails(capsys, lambda: run_train([f'--dataset={stream_ds}', '--max_iters=4', '--eval_interval=2', '--mode=mora',
+    fails(capsys, lambda: run_train([f'--dataset={stream_ds}', '--max_iters=2', '--eval_interval=2', '--mode=mora',
                                      '--resume=True'], run_dir), 'another base', 'fingerprint')
     fails(capsys, lambda: script('merge.py', f'--out_dir={run_dir}'), 'another base', 'fingerprint')
     one_line_error(*cli('eval.py', f'--out_dir={run_dir}'), 'another base', 'fingerprint')
@@ -187,29 +187,39 @@ def test_bad_data_is_refused_before_training(case, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- checkpoints
 def test_failed_save_keeps_previous_checkpoint(stream_ds, tmp_path, capsys, monkeypatch):
-    """Disk full on the second save: ckpt.pt still holds iter 1, the partial temp file is gone, one error line."""
+    """A real full disk on the second save (the temp file is a link to /dev/full: torch's writer raises a
+    RuntimeError, not an OSError): ckpt.pt still holds iter 1, the temp file is gone, one error line."""
     real_save, calls = torch.save, []
 
-    def disk_full(obj, f):
+    def second_save_hits_a_full_disk(obj, f):
         calls.append(f)
-        if len(calls) == 1:
-            return real_save(obj, f)
-        with open(f, 'wb') as fh:
-            fh.write(b'PK\x03\x04 partial')
-        raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(torch, 'save', disk_full)
+        if len(calls) == 2:
+            os.symlink('/dev/full', f)
+        return real_save(obj, f)
+    monkeypatch.setattr(torch, 'save', second_save_hits_a_full_disk)
     fails(capsys, lambda: run_train([f'--dataset={stream_ds}', '--max_iters=2', '--eval_interval=1'], tmp_path),
-          'could not write', 'No space left on device', 'previous checkpoint')
+          'could not write', 'ckpt.pt.tmp', 'previous checkpoint')
     monkeypatch.undo()
-    assert len(calls) == 2 and not os.path.exists(tmp_path / 'ckpt.pt.tmp')
+    assert len(calls) == 2 and not os.path.lexists(tmp_path / 'ckpt.pt.tmp')
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == 1
 
 
-@pytest.mark.parametrize('damage', ['truncated', 'garbage'])
+def damage_record(data, part):
+    """A valid zip whose first tensor record is damaged: a flipped byte in its local header or in its data."""
+    import io, zipfile
+    info = next(i for i in zipfile.ZipFile(io.BytesIO(data)).infolist() if '/data/' in i.filename)
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26:][:2], 'little'), \
+        int.from_bytes(data[info.header_offset + 28:][:2], 'little')  # the local header's (torch pads it)
+    at = info.header_offset + (0 if part == 'header' else 30 + name_len + extra_len + 7)
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'garbage', 'record header', 'record data'])
 def test_damaged_checkpoint_is_refused_by_resume_eval_and_merge(damage, stream_ds, run_dir, capsys):
     path = run_dir / 'ckpt.pt'
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2] if damage == 'truncated' else os.urandom(len(data)))
+    path.write_bytes(data[:len(data) // 2] if damage == 'truncated' else os.urandom(len(data))
+                     if damage == 'garbage' else damage_record(data, damage.split()[1]))
     fails(capsys, lambda: run_train([f'--dataset={stream_ds}', '--max_iters=4', '--eval_interval=2', '--mode=mora',
                                      '--resume=True'], run_dir), 'truncated or corrupted')
     fails(capsys, lambda: script('eval.py', f'--out_dir={run_dir}'), 'truncated or corrupted')
@@ -288,3 +298,35 @@ def test_ctrl_c_saves_and_resume_is_bit_exact(stream_ds, tmp_path):
         assert torch.equal(a['model'][k], b['model'][k]), k
     for (ka, sa), (kb, sb) in zip(a['optimizer']['state'].items(), b['optimizer']['state'].items()):
         assert ka == kb and all(torch.equal(sa[s], sb[s]) for s in sa), ka
+
+
+# ----------------------------------------------------------------------------- review defects (issue 20)
+BAD_SYSTEM = [
+    (['--device=gpu'], "device='gpu'", 'auto | cpu | cuda'),
+    (['--device=cuda'], "device='cuda'", 'sees no CUDA GPU'),
+    (['--n_head=4', '--n_kv_head=3'], 'n_head=4 must be a multiple of n_kv_head=3', 'n_embd'),
+    (['--n_embd=66', '--n_head=4', '--n_kv_head=4'], 'n_embd=66 of n_head', 'n_head=4'),
+    (['--compile=yes'], "'compile' expects bool | None", "str 'yes'"),
+    (['--train_rest=1'], "'train_rest' expects bool | None", 'int 1'),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal of cuda on a machine without a GPU')
+@pytest.mark.parametrize('args,key,why', BAD_SYSTEM, ids=[' '.join(c[0]) for c in BAD_SYSTEM])
+def test_bad_device_shape_or_type_is_one_line(args, key, why, stream_ds, tmp_path, capsys):
+    fails(capsys, lambda: run_train([f'--dataset={stream_ds}', '--max_iters=1', *args], tmp_path), key, why)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal of cuda on a machine without a GPU')
+def test_eval_py_errors_are_one_line(run_dir, tmp_path, capsys, monkeypatch):
+    one_line_error(*cli('eval.py', f'--out_dir={run_dir}', '--device=cuda'), "device='cuda'", 'sees a GPU')
+    fails(capsys, lambda: script('eval.py', f'--out_dir={run_dir}', '--device=gpu'), "device='gpu'")
+    fails(capsys, lambda: script('eval.py', f'--plot={tmp_path}'), 'metrics.jsonl not found', '--plot takes run dirs')
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # not installed
+    fails(capsys, lambda: script('eval.py', f'--plot={run_dir}'), '--plot needs matplotlib', 'pip install matplotlib')
+
+
+def test_resume_may_change_max_iters_only_with_a_pinned_decay(stream_ds, run_dir, capsys):
+    """lr_decay_iters=0 follows max_iters: a new max_iters would change the LR of every remaining step."""
+    fails(capsys, lambda: run_train([f'--dataset={stream_ds}', '--max_iters=4', '--eval_interval=2', '--mode=mora',
+                                     '--resume=True'], run_dir), 'max_iters 2 -> 4', 'lr_decay_iters set')
