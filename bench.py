@@ -9,11 +9,23 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
       `python data/text/prepare.py`), compile off and on: tok/s of the last log interval, peak RSS of the process.
   (d) ops: aten ops (kernels, views excluded) per training step of a SmolLM2-shaped model under bf16 autocast, per
       mode: on a GPU an eager step of a model this small costs about its number of kernel launches.
+  (e) gpu_tier: the one-GPU session of MoRA Table 2 in one command (issue 18): the memory_gpu_* runs in priority
+      order, --parallel at a time on one GPU, compiled, to 800 steps or until --table_s runs out (then SIGINT: they
+      save and stop, the step each reached is kept), metrics + config copied to assets/memory_gpu/<run>/; then the
+      speed of every mode, one run at a time, compiled, bf16, until --speed_s runs out: tok/s, MFU, graph breaks
+      and recompiles (TORCH_LOGS) on SmolLM2-135M at 128 x 73 and a Llama-3.2-1B-shaped model at 8 x 2048.
+      --dry_run does the same on the CPU with a tiny model in a minute (the orchestration, not the numbers).
     python bench.py --what all            # (a) + (b); --threads 2 (default), --quick for a short run
     python bench.py --what step --compile # (b) with torch.compile (~15 min on 2 CPU cores, mostly compiling)
     python bench.py --what modes          # (c), ~25 min on 2 CPU cores; --device=cuda on a GPU
     python bench.py --what ops            # (d), ~15 s
+    python bench.py --what gpu_tier --device=cuda   # (e), after data/smollm2/prepare.py and
+                                                    # data/memory/prepare.py --n_pairs=1000; ~9 min of one GPU
+    python bench.py --what gpu_tier --dry_run       # (e) on the CPU, tiny model, ~1-2 min
 """
+import re
+import shutil
+import signal
 import argparse
 import json
 import os
@@ -218,13 +230,137 @@ def bench_ops(args):
         print(f"{name:>14} {ops.n:>6}{extra}")
 
 
+# (e) MoRA Table 2 on one GPU, in priority order (issue 18): r8 at two LRs each (rope's first Adam step moves dW
+# ~sqrt(6) less than share's, so rope also at 3e-3), then the other rows. What the budget leaves out is "not run".
+TABLE2 = [('lora_r8_lr1e-3', 'lora', ['--learning_rate=1e-3']),
+          ('mora_share_r8_lr1e-3', 'mora', ['--mora_kind=share', '--learning_rate=1e-3']),
+          ('mora_rope_r8_lr3e-3', 'mora', ['--mora_kind=rope', '--learning_rate=3e-3']),
+          ('lora_r8_lr3e-3', 'lora', ['--learning_rate=3e-3']),
+          ('mora_share_r8_lr3e-3', 'mora', ['--mora_kind=share', '--learning_rate=3e-3']),
+          ('mora_rope_r8_lr1e-3', 'mora', ['--mora_kind=rope', '--learning_rate=1e-3']),
+          ('full_lr1e-4', 'full', []), ('mora_r256', 'mora_r256', []), ('lora_r256', 'lora_r256', []),
+          ('remora_r8', 'remora', []), ('xgblora', 'xgblora', [])]
+SPEED_MODES = {'full': ['--mode=full'], 'lora': ['--mode=lora'], 'mora_share': ['--mode=mora', '--mora_kind=share'],
+               'mora_rope': ['--mode=mora', '--mora_kind=rope'], 'relora': ['--mode=relora', '--merge_every=10'],
+               'remora': ['--mode=remora', '--merge_every=10'], 'xgblora': ['--mode=xgblora', '--booster_steps=10']}
+LLAMA32_1B = ['--n_layer=16', '--n_embd=2048', '--n_head=32', '--n_kv_head=8', '--intermediate_size=8192',
+              '--rope_theta=500000.0']  # Llama-3.2-1B's body; vocab: the tokenizer's (SmolLM2's 49,152, not 128,256)
+
+
+def run_until(cmd, deadline, log_path, env):
+    """Start train.py; returns (Popen, log file). The caller SIGINTs it at the deadline (it saves and exits 130)."""
+    f = open(log_path, 'w')
+    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, text=True), f
+
+
+def last_eval(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, 'metrics.jsonl'))]
+    evals = [r for r in rows if 'char_acc' in r]
+    return rows, evals
+
+
+def tiny_setup(work):
+    """--dry_run: a tiny random HF base (byte vocab) and a byte memory dataset, so the CPU runs the real configs."""
+    base, data = os.path.join(work, 'tiny_base'), os.path.join(work, 'pairs')
+    torch.manual_seed(0)
+    LLaMA(ModelConfig(vocab_size=320, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                      intermediate_size=96)).save_pretrained(base)
+    subprocess.run([sys.executable, 'data/memory/prepare.py', '--n_pairs=16', '--tokenizer=byte', f'--out_dir={data}'],
+                   check=True, capture_output=True)
+    return [f'--init_from={base}', '--tokenizer=byte', f'--dataset={data}', '--batch_size=4', '--block_size=96',
+            '--eval_iters=1', '--max_iters=400', '--eval_interval=3', '--log_interval=1', '--booster_steps=2',
+            '--booster_blocks=1', '--r=4', '--compile=False'], base  # 400 steps: the deadline's SIGINT stops them
+
+
+def bench_gpu_tier(args):
+    work = tempfile.mkdtemp(prefix='gpu_tier_') if args.dry_run else 'out/gpu_tier'
+    os.makedirs(work, exist_ok=True)
+    assets = os.path.join(work, 'assets') if args.dry_run else 'assets/memory_gpu'
+    tiny, tiny_base = tiny_setup(work) if args.dry_run else ([], None)
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    # 1. Table 2: --parallel runs at a time, in priority order, each to 800 steps or the phase's deadline
+    deadline, queue, running, done, not_run = time.time() + args.table_s, list(TABLE2), [], [], []
+    print(f"\n(e) gpu_tier: Table 2, {len(queue)} runs, {args.parallel} at a time, {args.table_s} s")
+    while queue or running:
+        while queue and len(running) < args.parallel and time.time() < deadline - 30:  # 30 s: no run starts to die
+            name, config, extra = queue.pop(0)
+            out = os.path.join(work, name)
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, 'train.py', f'config/memory_gpu_{config}.py', *extra, f'--device={args.device}',
+                   *tiny, *(['--merge_every=2'] if tiny and config == 'remora' else []), f'--out_dir={out}']
+            running.append((name, out, *run_until(cmd, deadline, out + '.log', env)))
+            print(f"  start {name}: {' '.join(cmd[2:])}", flush=True)
+        if queue and time.time() >= deadline - 30:
+            not_run, queue = [q[0] for q in queue], []
+        time.sleep(0.2 if args.dry_run else 2)
+        for item in list(running):
+            name, out, proc, f = item
+            if proc.poll() is None and time.time() >= deadline:
+                proc.send_signal(signal.SIGINT)  # saves ckpt.pt and exits 130 at the next step boundary
+                proc.wait()
+            if proc.poll() is not None:
+                f.close()
+                running.remove(item)
+                done.append((name, out, proc.returncode))
+    print(f"{'run':>22} {'exit':>5} {'step':>5}  char acc % at each eval")
+    for name, out, code in done:
+        rows, evals = last_eval(out) if os.path.exists(os.path.join(out, 'metrics.jsonl')) else ([], [])
+        steps = max([r['iter'] for r in rows], default=0)
+        why = '' if code in (0, 130) else open(out + '.log').read().strip().splitlines()[-1]  # 130: the SIGINT
+        print(f"{name:>22} {code:>5} {steps:>5}  " + ' '.join(f"{r['iter']}:{100 * r['char_acc']:.1f}" for r in evals)
+              + why)
+        if rows:  # what the README table cites: the metrics and the config of exactly this run
+            os.makedirs(os.path.join(assets, name), exist_ok=True)
+            for file in ('metrics.jsonl', 'config.json'):
+                shutil.copy(os.path.join(out, file), os.path.join(assets, name, file))
+    print(f"  not run (budget): {', '.join(not_run) or 'none'}")
+    # 2. speed: one run at a time, compiled (the graphs of the SmolLM2 shape are in Inductor's cache by now)
+    if args.dry_run:
+        shapes = {'tiny': [*tiny, '--max_iters=12', '--eval_interval=1000', '--log_interval=4', '--char_acc_pairs=0']}
+    else:
+        shapes = {'smollm2 128x73': ['--init_from=data/smollm2/SmolLM2-135M-Instruct', '--batch_size=128',
+                                     '--block_size=73', '--dataset=memory/smollm2_n1000_s1337'],
+                  'llama3.2-1b 8x2048': ['--init_from=scratch', '--tokenizer=data/smollm2/SmolLM2-135M-Instruct',
+                                         '--dataset=text/shakespeare_smollm2', *LLAMA32_1B, '--batch_size=8',
+                                         '--block_size=2048', '--train_rest=False']}
+        shapes = {k: [*v, '--max_iters=30', '--log_interval=10', '--eval_interval=1000', '--eval_iters=1',
+                      '--warmup_iters=5', '--compile=True', '--dtype=bfloat16', f'--device={args.device}']
+                  for k, v in shapes.items()}
+    deadline = time.time() + args.speed_s
+    print(f"\nspeed, one run at a time, {args.speed_s} s: last log interval; graph breaks / recompiles from TORCH_LOGS")
+    print(f"{'shape':>20} {'mode':>11} {'ms/iter':>8} {'tok/s':>9} {'mfu %':>6} {'breaks':>6} {'recompiles':>10}")
+    skipped = []
+    for shape, shape_args in shapes.items():
+        for mode, mode_args in SPEED_MODES.items():
+            if time.time() > deadline:
+                skipped.append(f"{shape} {mode}")
+                continue
+            out = os.path.join(work, 'speed', f"{shape.split()[0]}_{mode}")
+            cmd = [sys.executable, 'train.py', *shape_args, *mode_args, f'--out_dir={out}']
+            r = subprocess.run(cmd, capture_output=True, text=True,
+                               env={**env, 'TORCH_LOGS': 'graph_breaks,recompiles'})
+            if r.returncode:
+                print(f"{shape:>20} {mode:>11} failed: {(r.stderr or r.stdout).strip().splitlines()[-1]}")
+                continue
+            last = [row for row in map(json.loads, open(os.path.join(out, 'metrics.jsonl'))) if 'tok_s' in row][-1]
+            breaks = len(re.findall(r'Graph break', r.stderr))
+            recompiles = len(re.findall(r'Recompiling function', r.stderr))
+            mfu = f"{100 * last['mfu']:.1f}" if 'mfu' in last else '-'
+            print(f"{shape:>20} {mode:>11} {last['ms']:>8.1f} {last['tok_s']:>9.0f} {mfu:>6} {breaks:>6} {recompiles:>10}")
+    print(f"  not run (budget): {', '.join(skipped) or 'none'}")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", choices=["merge", "step", "modes", "ops", "all"], default="all")
+    ap.add_argument("--what", choices=["merge", "step", "modes", "ops", "gpu_tier", "all"], default="all")
     ap.add_argument("--device", default="cpu", help="modes only: cpu or cuda")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="r=8 only, smaller batch, fewer repeats")
     ap.add_argument("--compile", action="store_true", help="step: torch.compile each model (compiles in warm-up)")
+    ap.add_argument("--parallel", type=int, default=4, help="gpu_tier: Table 2 runs at a time on the one GPU")
+    ap.add_argument("--table_s", type=int, default=390, help="gpu_tier: seconds for the Table 2 runs")
+    ap.add_argument("--speed_s", type=int, default=150, help="gpu_tier: seconds for the speed runs")
+    ap.add_argument("--dry_run", action="store_true", help="gpu_tier: the orchestration on the CPU, tiny model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {os.cpu_count()} cpus, {args.threads} threads, "
@@ -240,3 +376,7 @@ if __name__ == "__main__":
         bench_modes(args)
     if args.what == "ops":
         bench_ops(args)
+    if args.what == "gpu_tier":
+        if args.dry_run:
+            args.table_s, args.speed_s, args.device = 75, 150, 'cpu'
+        bench_gpu_tier(args)

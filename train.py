@@ -7,6 +7,7 @@ $ torchrun --standalone --nproc_per_node=2 train.py config/pretrain_remora.py   
 $ python train.py --help                                      # every key with its comment
 """
 import functools
+import hashlib
 import json
 import math
 import os
@@ -94,6 +95,7 @@ seed = 1337  # model init, adapters, dropout, data order
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:], __file__)
 MODES = ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora')
+CODE = ('train.py', 'model.py', 'adapters.py', 'eval.py', 'configurator.py', 'tokenizer.py', 'data/__init__.py')
 # keys a resumed run may change; any other difference is refused
 MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs', 'eval_only', 'resume',
               'compile', 'device', 'out_dir', 'note')  # out_dir: a run dir that was moved or copied resumes as well
@@ -395,8 +397,11 @@ if master:
     if method == 'booster':
         log(f"xgblora: {n_train:,} booster params on {len(adapted_weights)} layers, "
             f"~{n_train * len(boosters_at(0)) // raw_model.config.n_layer:,} trained per booster")
+    # with the code that ran: a copied checkout's git hash can lag its working tree, the files' hash cannot
+    code = hashlib.sha256(b''.join(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), 'rb').read()
+                                   for name in CODE)).hexdigest()[:16]
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-        json.dump(config, f, indent=1)
+        json.dump({**config, 'git': sha, 'code_sha256': code}, f, indent=1)
     # a fresh run starts a new log; a resumed one drops what was logged past its checkpoint (that eval is redone)
     path = os.path.join(out_dir, 'metrics.jsonl')
     keep = lambda row: resume and (row['iter'] < iter_num or (row['iter'] == iter_num and 'val_loss' not in row))
