@@ -4,6 +4,7 @@ One training loop for full fine-tuning, LoRA, MoRA, ReLoRA, ReMoRA and XGBLoRA (
 $ python train.py config/memory_mora.py                       # one process, CPU or one GPU
 $ python train.py config/memory_lora.py --max_iters=100       # config file, then --key=value overrides
 $ torchrun --standalone --nproc_per_node=2 train.py config/pretrain_remora.py   # DDP
+$ torchrun --standalone --nproc_per_node=8 train.py config/alpaca_lora.py --parallel=fsdp   # FSDP2 (fsdp.py)
 $ python train.py --help                                      # every key with its comment
 """
 import functools
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adapters
+import fsdp
 from configurator import configure, die
 from data import Dataset
 from eval import build_model, char_accuracy, estimate_loss, load_checkpoint, memory_pairs
@@ -90,12 +92,13 @@ device = 'auto'  # 'cpu' | 'cuda' | 'cuda:1' | 'auto'
 dtype = 'auto'  # float32 | bfloat16 | float16 (autocast; weights stay fp32) | auto
 compile = None  # torch.compile the model (None = on for CUDA, off on CPU)
 seed = 1337  # model init, adapters, dropout, data order
+parallel = 'ddp'  # under torchrun: 'ddp' replicates the model, 'fsdp' shards weights, grads and AdamW state (FSDP2)
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:], __file__)
 MODES = ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora')
 # keys a resumed run may change; any other difference is refused
 MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs', 'eval_only', 'resume',
-              'compile', 'device', 'out_dir', 'note')  # out_dir: a run dir that was moved or copied resumes as well
+              'compile', 'device', 'out_dir', 'note', 'parallel')  # out_dir: a moved or copied run dir resumes as well
 
 
 def setup(fn, *args, **kwargs):  # a setup step: its expected failures (missing file, offline, unfit value) become die()
@@ -108,7 +111,8 @@ def setup(fn, *args, **kwargs):  # a setup step: its expected failures (missing 
 # checked before anything is built: string keys take one of their choices, numbers are >= 0 (sizes >= 1)
 CHOICES = {'mode': MODES, 'mora_kind': ('auto', *adapters.KINDS), 'remora_cycle': tuple(adapters.CYCLES),
            'optimizer_reset': ('clear', 'prune'), 'lr_envelope': ('jagged', 'rewarm'),
-           'decay_lr': ('cosine', 'linear', 'constant'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+           'decay_lr': ('cosine', 'linear', 'constant'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16'),
+           'parallel': ('ddp', 'fsdp')}
 POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
             'eval_iters', 'booster_steps', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size')
 for k, v in config.items():
@@ -126,7 +130,10 @@ if mode == 'remora' and mora_kind not in ('auto', *adapters.SHARE_KINDS):
     die(f"remora switches between share kinds; mora_kind={mora_kind!r} is not one of {' | '.join(adapters.SHARE_KINDS)}")
 
 # derived settings (after overrides)
-ddp = int(os.environ.get('RANK', -1)) != -1
+ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun (parallel says how the processes share the model)
+if parallel == 'fsdp' and not ddp:
+    die("parallel='fsdp' shards the model over torchrun's processes: torchrun --nproc_per_node=N train.py ...")
+sharded = ddp and parallel == 'fsdp'
 if ddp:
     dist.init_process_group(backend='nccl' if torch.cuda.is_available() and device != 'cpu' else 'gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -165,7 +172,7 @@ if init_from == 'scratch':
         vocab_size=(tok.n_vocab + 63) // 64 * 64, block_size=block_size, n_layer=n_layer, n_head=n_head,
         n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, rope_theta=rope_theta,
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
-model = setup(build_model, config, device)
+model = setup(build_model, config, 'cpu' if sharded else device)  # sharded: each rank moves only its shards
 if tok.n_vocab > model.config.vocab_size:
     die(f"tokenizer {tok.spec!r} has {tok.n_vocab} tokens > model vocab_size {model.config.vocab_size} (tokenizer='': the base's)")
 setup(ds.check, model.config.vocab_size, block_size, tok.spec)
@@ -184,6 +191,9 @@ if method:
         die(f"r={r} is too large for the adapted layers: allowed 1..{limit} (rank at most max(in, out))")
 else:
     adapter_params = []
+if sharded:  # from here on the parameters are this rank's shards (DTensors): collect them from the model again
+    fsdp.shard(model, device_type, ptdtype if device_type == 'cuda' and dtype != 'float32' else None, compile)
+    adapter_params = [p for m in model.modules() if getattr(m, 'adapter', None) is not None for p in m.adapter.parameters()]
 # in adapter modes, pretraining from scratch also trains embeddings, norms and head at full rank (never reset)
 norms = [p for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()]
 rest = list(dict.fromkeys([model.embed_tokens.weight, model.lm_head.weight, *norms]))  # dedup tied embeddings
@@ -227,8 +237,7 @@ if resume:
     if mode == 'remora':  # the current kind of a ReMoRA run comes from the checkpoint, never from the config
         kind = next(iter(ckpt['adapters'].values()))['kind']
         adapters.switch_kind_(model, kind)
-    model.load_state_dict(ckpt['model'], strict=False)
-    optimizer.load_state_dict(ckpt['optimizer'])
+    fsdp.load_state(model, optimizer, ckpt['model'], ckpt['optimizer'])  # written by any process count
     iter_num = ckpt['iter_num']
     torch.set_rng_state(ckpt['rng']['torch'])
     if device_type == 'cuda':
@@ -236,9 +245,9 @@ if resume:
     del ckpt
 
 raw_model = model  # uncompiled handle for saving, eval and merges (no _orig_mod. keys)
-if compile:
+if compile and not sharded:  # sharded: fsdp.shard compiled each block
     model = torch.compile(model)
-if ddp:
+if ddp and not sharded:
     model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
 
 
@@ -271,27 +280,37 @@ def boosters_at(it):
     return set(random.Random(seed * 100003 + it // booster_steps).sample(range(raw_model.config.n_layer), n))
 
 
+def reinit_generator(it):
+    """The adapter draws of the restart or booster merge at step it: rank-independent, so every rank draws alike."""
+    return torch.Generator(device).manual_seed(seed * 1000003 + it)
+
+
 def reset_state(params):
     """Fresh optimizer state for these tensors only (moments and step), or ReLoRA's 99% magnitude prune."""
     for p in params:
         if optimizer_reset == 'prune' and p in optimizer.state:
             for key in ('exp_avg', 'exp_avg_sq'):
-                m = optimizer.state[p][key]
-                m.mul_(m.abs() > m.abs().flatten().kthvalue(max(1, int(0.99 * m.numel()))).values)
+                m = optimizer.state[p][key]  # the threshold of the whole tensor, also when it is sharded
+                m.mul_(m.abs() > fsdp.full(m).abs().flatten().kthvalue(max(1, int(0.99 * m.numel()))).values.item())
         else:
             optimizer.state.pop(p, None)
 
 
 def save_checkpoint():
-    """Atomic write (temp file, then os.replace) of everything resume needs, from the uncompiled model."""
-    sd = raw_model.state_dict()
-    ckpt = {'model': {k: sd[k] for k in saved_keys}, 'optimizer': optimizer.state_dict(), 'config': config,
+    """Atomic write (temp file, then os.replace) of everything resume needs, from the uncompiled model.
+    Sharded: every rank gathers, rank 0 writes the file one process would."""
+    model_sd, optim_sd = fsdp.gather_state(raw_model, optimizer, saved_keys)
+    if not master:
+        return
+    ckpt = {'model': model_sd, 'optimizer': optim_sd, 'config': config,
             'iter_num': iter_num, 'adapters': adapters.settings(raw_model) if method else None,
             'base_fingerprint': base_fingerprint,
             'rng': {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}}
     tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
     try:  # a failed write (disk full) leaves ckpt.pt as it was and no partial temp file behind
         torch.save(ckpt, tmp)
+        with open(tmp, 'rb+') as f:  # on disk before the rename
+            os.fsync(f.fileno())
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -300,6 +319,8 @@ def save_checkpoint():
 
 
 def write_metrics(row):
+    if not master:
+        return
     with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
         f.write(json.dumps(row) + '\n')
 
@@ -350,7 +371,8 @@ while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and master:
+    # sharded, every rank evals (the forward gathers each block) and saves (gathering); rank 0 logs and writes
+    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and (master or sharded):
         t_eval -= time.time()
         row = {'iter': iter_num, 'val_loss': estimate_loss(raw_model, ds, 'val', batch_size, block_size, eval_iters, device, ctx)}
         if pairs:
@@ -375,7 +397,9 @@ while True:
     for micro in range(grad_accum):
         x, y = ds.get_batch('train', batch_size, block_size, seed, iter_num, micro, grad_accum, rank, world)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if ddp:  # all-reduce only on the last micro-step
+        if sharded:  # reduce-scatter only on the last micro-step
+            model.set_requires_gradient_sync(micro == grad_accum - 1)
+        elif ddp:  # all-reduce only on the last micro-step
             model.require_backward_grad_sync = micro == grad_accum - 1
         with ctx:
             _, loss = model(x, y)
@@ -389,13 +413,15 @@ while True:
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
     optimizer.step()
+    if iter_num == 0:  # once, while gradients and optimizer state both exist (sharded: this rank's shards)
+        log("state bytes per process: " + " | ".join(f"{k} {v:,}" for k, v in fsdp.state_bytes(raw_model, optimizer).items()))
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
 
     # merge-and-restart (SPEC 3) and booster boundaries (SPEC 4): every state change of a run is here
     if restarts and iter_num > warm_start and (iter_num - warm_start) % merge_every == 0:
-        adapters.merge_(raw_model)  # W <- W + dW in fp32
-        adapters.reinit_(raw_model)  # same Parameter objects: LoRA A Kaiming, B = 0; MoRA M = 0
+        fsdp.merge_(raw_model)  # W <- W + dW in fp32 (sharded: each rank its own rows)
+        fsdp.reinit_(raw_model, reinit_generator(iter_num))  # same Parameter objects: LoRA A Kaiming, B = 0; MoRA M = 0
         if mode == 'remora':
             kind = adapters.next_kind(kind, remora_cycle)
             adapters.switch_kind_(raw_model, kind)
@@ -403,8 +429,8 @@ while True:
         log(f"restart at {iter_num}: merged {len(adapted_weights)} layers, adapters re-initialised"
             + (f", next kind {kind}" if mode == 'remora' else '') + f", optimizer state {optimizer_reset}ed")
     if method == 'booster' and iter_num % booster_steps == 0:
-        adapters.merge_(raw_model, alpha=booster_alpha)  # only gated-on boosters carry a dW
-        adapters.reinit_(raw_model)
+        fsdp.merge_(raw_model, alpha=booster_alpha)  # only gated-on boosters carry a dW
+        fsdp.reinit_(raw_model, reinit_generator(iter_num))
         reset_state(adapter_params)
         adapters.set_gates_(raw_model, boosters_at(iter_num))
         log(f"booster {iter_num // booster_steps}: merged, now training blocks {sorted(boosters_at(iter_num))}")
@@ -428,7 +454,7 @@ while True:
             + (f" | mfu {100 * row['mfu']:.1f}%" if peak else '') + f" | eta {eta / 60:.1f}m")
         write_metrics(row)
 
-if stop_requested and master:
+if stop_requested and (master or sharded):
     save_checkpoint()
     log(f"interrupted: saved {out_dir}/ckpt.pt at iter {iter_num}; continue with --resume=True")
 elif master and not eval_only:
