@@ -21,8 +21,8 @@ from helpers import MODE_ARGS, ROOT, TINY, metrics, run_train, write_stream
 # lr_decay_iters pinned: by default it follows max_iters, which the first half of a resumed run changes
 STEPS = ['--eval_interval=4', '--gradient_accumulation_steps=4', '--lr_decay_iters=8']
 # fp32 reduction order: 2 ranks' gradients reduce-scattered vs one process accumulating 4 micro-batches; measured
-# <= 3e-7 relative on the losses and <= 1e-6 on the weights over 8 steps (4 restarts or booster merges)
-RTOL, ATOL = 1e-5, 1e-5
+# <= 9e-7 relative on the losses and <= 5e-6 absolute on the weights (remora) over 8 steps with 4 merges
+RTOL, ATOL = 1e-5, 5e-5
 RESUMED = 'remora'  # merges, a kind switch, moved base, adapter and full-rank (embeddings, norms, head) AdamW state
 
 
