@@ -354,6 +354,12 @@ class _Adapter(nn.Module):
         W = p.new_zeros(self.out_features, self.in_features, dtype=dtype or _merge_dtype(p.dtype))
         return _add_delta_(W, self.settings(), self.state_dict())
 
+    @torch.no_grad()
+    def reset_parameters(self, generator=None):
+        """Re-initialise in place (same Parameter objects) with fresh(generator)."""
+        for name, t in self.fresh(generator).items():
+            getattr(self, name).copy_(t)
+
 
 class LoRA(_Adapter):
     """Δh = scale · B A dropout(x) [· gate]. A (r, k) Kaiming-uniform(a=√5), B (d, r) = 0; r(k+d) params.
@@ -370,10 +376,10 @@ class LoRA(_Adapter):
         self.register_buffer("gate", torch.zeros((), device=device, dtype=dtype) if gated else None)
         self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self):
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        nn.init.zeros_(self.B)
+    def fresh(self, generator=None) -> dict:
+        """Init values, full size: A Kaiming-uniform(a=√5) from generator (None: the global RNG), B = 0."""
+        A, B = (torch.empty(p.shape, device=p.device, dtype=p.dtype) for p in (self.A, self.B))  # plain, even if sharded
+        return {"A": nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator), "B": B.zero_()}
 
     def forward(self, x):
         scale = self.scale if self.gate is None else self.scale * self.gate
@@ -392,9 +398,9 @@ class MoRA(_Adapter):
         self.M = nn.Parameter(torch.zeros(r_hat, r_hat, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    @torch.no_grad()
-    def reset_parameters(self):
-        nn.init.zeros_(self.M)
+    def fresh(self, generator=None) -> dict:
+        """Init values: M = 0."""
+        return {"M": torch.zeros(self.M.shape, device=self.M.device, dtype=self.M.dtype)}
 
     def forward(self, x):
         return mora_forward(self.dropout(x).to(self.M.dtype), self.M, self.out_features, self.kind).to(x.dtype)
@@ -478,10 +484,11 @@ def load_adapters(model, settings, state_dict=None, dropout=0.0) -> list:
     return params
 
 
-def reinit_(model):
-    """Re-initialise every adapter in place (same Parameter objects): LoRA A Kaiming, B = 0; MoRA M = 0."""
+def reinit_(model, generator=None):
+    """Re-initialise every adapter in place (same Parameter objects): LoRA A Kaiming, B = 0; MoRA M = 0.
+    generator: the draws, in module order (None: the global RNG)."""
     for _, lin in _adapted(model):
-        lin.adapter.reset_parameters()
+        lin.adapter.reset_parameters(generator)
 
 
 def next_kind(kind: str, cycle: str = "paper") -> str:

@@ -4,6 +4,7 @@ One training loop for full fine-tuning, LoRA, MoRA, ReLoRA, ReMoRA and XGBLoRA (
 $ python train.py config/memory_mora.py                       # one process, CPU or one GPU
 $ python train.py config/memory_lora.py --max_iters=100       # config file, then --key=value overrides
 $ torchrun --standalone --nproc_per_node=2 train.py config/pretrain_remora.py   # DDP
+$ torchrun --standalone --nproc_per_node=8 train.py config/alpaca_lora.py --parallel=fsdp   # FSDP2 (fsdp.py)
 $ python train.py --help                                      # every key with its comment
 """
 import functools
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adapters
+import fsdp
 from configurator import configure, die
 from data import Dataset, replace_atomically
 from eval import build_model, char_accuracy, estimate_loss, load_checkpoint, memory_pairs
@@ -92,13 +94,14 @@ device = 'auto'  # 'cpu' | 'cuda' | 'cuda:1' | 'auto'
 dtype = 'auto'  # float32 | bfloat16 | float16 (autocast; weights stay fp32) | auto
 compile: bool | None = None  # torch.compile the model (None = on for CUDA, off on CPU)
 seed = 1337  # model init, adapters, dropout, data order
+parallel = 'ddp'  # under torchrun: 'ddp' replicates the model, 'fsdp' shards weights, grads and AdamW state (FSDP2)
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:], __file__)
 MODES = ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora')
 CODE = ('train.py', 'model.py', 'adapters.py', 'eval.py', 'configurator.py', 'tokenizer.py', 'data/__init__.py')
 # keys a resumed run may change; any other difference is refused
 MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs', 'eval_only', 'resume',
-              'compile', 'device', 'out_dir', 'note')  # out_dir: a run dir that was moved or copied resumes as well
+              'compile', 'device', 'out_dir', 'note', 'parallel')  # out_dir: a moved or copied run dir resumes as well
 
 
 def setup(fn, *args, **kwargs):  # a setup step: its expected failures (missing file, offline, unfit value) become die()
@@ -111,7 +114,8 @@ def setup(fn, *args, **kwargs):  # a setup step: its expected failures (missing 
 # checked before anything is built: string keys take one of their choices, numbers are >= 0 (sizes >= 1)
 CHOICES = {'mode': MODES, 'mora_kind': ('auto', *adapters.KINDS), 'remora_cycle': tuple(adapters.CYCLES),
            'optimizer_reset': ('clear', 'prune'), 'lr_envelope': ('jagged', 'rewarm'),
-           'decay_lr': ('cosine', 'linear', 'constant'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+           'decay_lr': ('cosine', 'linear', 'constant'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16'),
+           'parallel': ('ddp', 'fsdp')}
 POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
             'eval_iters', 'booster_steps', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size')
 for k, v in config.items():
@@ -135,7 +139,10 @@ if 'cuda' in device and not torch.cuda.is_available():
     die(f"device={device!r} but torch {torch.__version__} sees no CUDA GPU (use --device=cpu)")
 
 # derived settings (after overrides)
-ddp = int(os.environ.get('RANK', -1)) != -1
+ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun (parallel says how the processes share the model)
+if parallel == 'fsdp' and not ddp:
+    die("parallel='fsdp' shards the model over torchrun's processes: torchrun --nproc_per_node=N train.py ...")
+sharded = ddp and parallel == 'fsdp'
 if ddp:
     dist.init_process_group(backend='nccl' if torch.cuda.is_available() and device != 'cpu' else 'gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -175,7 +182,7 @@ if init_from == 'scratch':
         vocab_size=(tok.n_vocab + 63) // 64 * 64, block_size=block_size, n_layer=n_layer, n_head=n_head,
         n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, rope_theta=rope_theta,
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
-model = setup(build_model, config, device)
+model = setup(build_model, config, 'cpu' if sharded else device)  # sharded: each rank moves only its shards
 if tok.n_vocab > model.config.vocab_size:
     die(f"tokenizer {tok.spec!r} has {tok.n_vocab} tokens > model vocab_size {model.config.vocab_size} (tokenizer='': the base's)")
 setup(ds.check, model.config.vocab_size, block_size, tok.spec)
@@ -194,6 +201,9 @@ if method:
         die(f"r={r} is too large for the adapted layers: allowed 1..{limit} (rank at most max(in, out))")
 else:
     adapter_params = []
+if sharded:  # from here on the parameters are this rank's shards (DTensors): collect them from the model again
+    fsdp.shard(model, device_type, ptdtype if device_type == 'cuda' and dtype != 'float32' else None, compile)
+    adapter_params = [p for m in model.modules() if getattr(m, 'adapter', None) is not None for p in m.adapter.parameters()]
 # in adapter modes, pretraining from scratch also trains embeddings, norms and head at full rank (never reset)
 norms = [p for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()]
 rest = list(dict.fromkeys([model.embed_tokens.weight, model.lm_head.weight, *norms]))  # dedup tied embeddings
@@ -246,8 +256,7 @@ if resume:
     if mode == 'remora':  # the current kind of a ReMoRA run comes from the checkpoint, never from the config
         kind = next(iter(ckpt['adapters'].values()))['kind']
         adapters.switch_kind_(model, kind)
-    model.load_state_dict(ckpt['model'], strict=False)
-    optimizer.load_state_dict(ckpt['optimizer'])
+    fsdp.load_state(model, optimizer, ckpt['model'], ckpt['optimizer'])  # written by any process count
     scaler.load_state_dict(ckpt['scaler'])
     iter_num = ckpt['iter_num']
     if len(ckpt['rng']) == world:  # every rank continues its own dropout stream
@@ -265,7 +274,10 @@ raw_model = model  # uncompiled handle for saving, eval and merges (no _orig_mod
 
 
 def wrap(m):
-    """The model the loop calls: compiled, and under DDP wrapped for the tensors that require grad now."""
+    """The model the loop calls: compiled, and under DDP wrapped for the tensors that require grad now.
+    Sharded, the model is its own wrapper: fsdp.shard compiled each block before sharding it."""
+    if sharded:
+        return m
     m = torch.compile(m) if compile else m
     return DDP(m, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None) if ddp else m
 
@@ -311,23 +323,20 @@ def boosters_at(it):
     return set(random.Random(seed * 100003 + it // booster_steps).sample(range(raw_model.config.n_layer), n))
 
 
+def reinit_generator(it):
+    """The adapter draws of the restart or booster merge at step it: rank-independent, so every rank draws alike."""
+    return torch.Generator(device).manual_seed(seed * 1000003 + it)
+
+
 def reset_state(params):
     """Fresh optimizer state for these tensors only (moments and step), or ReLoRA's 99% magnitude prune."""
     for p in params:
         if optimizer_reset == 'prune' and p in optimizer.state:
             for key in ('exp_avg', 'exp_avg_sq'):
-                m = optimizer.state[p][key]
-                m.mul_(m.abs() > m.abs().flatten().kthvalue(max(1, int(0.99 * m.numel()))).values)
+                m = optimizer.state[p][key]  # the threshold of the whole tensor, also when it is sharded
+                m.mul_(m.abs() > fsdp.full(m).abs().flatten().kthvalue(max(1, int(0.99 * m.numel()))).values.item())
         else:
             optimizer.state.pop(p, None)
-
-
-def reinit_adapters():
-    """Fresh adapters drawn from (seed, step), not from the dropout stream: every rank draws the same ones (else
-    each would merge a different dW into its copy of W), and a resumed run draws what the straight one did."""
-    with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []):
-        torch.manual_seed(seed * 1000003 + iter_num)
-        adapters.reinit_(raw_model)
 
 
 def rng_states():
@@ -340,9 +349,12 @@ def rng_states():
 
 def save_checkpoint(rng):
     """Atomic write (temp file, fsync, os.replace) of everything resume needs, from the uncompiled model.
+    Sharded: every rank gathers (a collective), rank 0 writes the file one process would.
     Returns None, or the error line of a failed write (disk full), which leaves ckpt.pt as it was."""
-    sd = raw_model.state_dict()
-    ckpt = {'model': {k: sd[k] for k in saved_keys}, 'optimizer': optimizer.state_dict(), 'config': config,
+    model_sd, optim_sd = fsdp.gather_state(raw_model, optimizer, saved_keys)
+    if not master:
+        return None
+    ckpt = {'model': model_sd, 'optimizer': optim_sd, 'config': config,
             'iter_num': iter_num, 'adapters': adapters.settings(raw_model) if method else None,
             'base_fingerprint': base_fingerprint, 'scaler': scaler.state_dict(), 'rng': rng}
     tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
@@ -369,6 +381,8 @@ def everyone(error):
 
 
 def write_metrics(row):
+    if not master:
+        return
     with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
         f.write(json.dumps(row) + '\n')
 
@@ -429,7 +443,7 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         t_eval -= time.time()
         rng, error = rng_states(), None
-        if master:
+        if master or sharded:  # sharded, every rank evals (the forward gathers each block); rank 0 logs and writes
             row = {'iter': iter_num, 'val_loss': estimate_loss(raw_model, ds, 'val', batch_size, block_size, eval_iters, device, ctx)}
             if pairs:
                 row['char_acc'] = char_accuracy(raw_model, tok, pairs, device, ctx)
@@ -450,7 +464,9 @@ while True:
     for micro in range(grad_accum):
         x, y = ds.get_batch('train', batch_size, block_size, seed, iter_num, micro, grad_accum, rank, world)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if ddp:  # all-reduce only on the last micro-step
+        if sharded:  # reduce-scatter only on the last micro-step
+            model.set_requires_gradient_sync(micro == grad_accum - 1)
+        elif ddp:  # all-reduce only on the last micro-step
             model.require_backward_grad_sync = micro == grad_accum - 1
         with ctx:
             _, loss = model(x, y)
@@ -466,13 +482,15 @@ while True:
         torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
     scaler.step(optimizer)  # = optimizer.step() unless dtype is float16: then unscaled, skipped on inf/nan grads
     scaler.update()
+    if iter_num == 0:  # once, while gradients and optimizer state both exist (sharded: this rank's shards)
+        log("state bytes per process: " + " | ".join(f"{k} {v:,}" for k, v in fsdp.state_bytes(raw_model, optimizer).items()))
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
 
     # merge-and-restart (SPEC 3) and booster boundaries (SPEC 4): every state change of a run is here
     if restarts and iter_num > warm_start and (iter_num - warm_start) % merge_every == 0:
-        adapters.merge_(raw_model)  # W <- W + dW in fp32
-        reinit_adapters()  # same Parameter objects: LoRA A Kaiming, B = 0; MoRA M = 0
+        fsdp.merge_(raw_model)  # W <- W + dW in fp32 (sharded: each rank its own rows)
+        fsdp.reinit_(raw_model, reinit_generator(iter_num))  # same Parameter objects: LoRA A Kaiming, B = 0; MoRA M = 0
         if mode == 'remora':
             kind = adapters.next_kind(kind, remora_cycle)
             adapters.switch_kind_(raw_model, kind)
@@ -480,8 +498,8 @@ while True:
         log(f"restart at {iter_num}: merged {len(adapted_weights)} layers, adapters re-initialised"
             + (f", next kind {kind}" if mode == 'remora' else '') + f", optimizer state {optimizer_reset}ed")
     if method == 'booster' and iter_num % booster_steps == 0:
-        adapters.merge_(raw_model, alpha=booster_alpha)  # only gated-on boosters carry a dW
-        reinit_adapters()
+        fsdp.merge_(raw_model, alpha=booster_alpha)  # only gated-on boosters carry a dW
+        fsdp.reinit_(raw_model, reinit_generator(iter_num))
         reset_state(adapter_params)
         adapters.set_gates_(raw_model, boosters_at(iter_num))
         log(f"booster {iter_num // booster_steps}: merged, now training blocks {sorted(boosters_at(iter_num))}")
@@ -509,7 +527,7 @@ while True:
 
 if stop:
     rng = rng_states()
-    everyone(save_checkpoint(rng) if master else None)
+    everyone(save_checkpoint(rng) if master or sharded else None)
     log(f"interrupted: saved {out_dir}/ckpt.pt at iter {iter_num}; continue with --resume=True")
 elif master and not eval_only:
     log(f"done: {iter_num} iters in {(time.time() - t_start) / 60:.1f} min | {evals} | checkpoint {out_dir}/ckpt.pt"

@@ -76,10 +76,10 @@ def test_restart_reinitialises_in_place_and_clears_only_adapter_state(stream_ds,
     Kaiming draw, B = 0), with empty optimizer state; embeddings/norms/head (trained from scratch) keep theirs."""
     before, reinit = {}, adapters.reinit_
 
-    def recording_reinit(model):
+    def recording_reinit(model, *args):
         before.update({n: m.adapter.A.detach().clone() for n, m in model.named_modules()
                        if getattr(m, 'adapter', None) is not None})
-        return reinit(model)
+        return reinit(model, *args)
     monkeypatch.setattr(adapters, 'reinit_', recording_reinit)
     g = run_train([f'--dataset={stream_ds}', '--max_iters=2', '--eval_interval=2', *MODE_ARGS['relora']], tmp_path)
     model, opt = g['raw_model'], g['optimizer']
