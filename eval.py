@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import adapters
 from model import LLaMA, ModelConfig
+from tokenizer import checkpoint_dir
 
 UUID_LEN = 36  # a uuid4 string: 32 hex digits + 4 hyphens
 
@@ -50,6 +51,8 @@ def char_score(pred, value):
 def char_accuracy(model, tokenizer, pairs, device, ctx=nullcontext(), batch_size=256, max_new_tokens=None):
     """Memory task (SPEC 5.1): greedy-decode after `key:` and score the first 36 characters against the value.
     pairs: dicts with 'value' and 'prompt' (token ids, BOS included) as written by data/memory/prepare.py.
+    The value is read as the data script wrote it, `key:value` tokenized as one text: the decoded prompt + tokens
+    less the decoded prompt (decoding the tokens alone would drop a SentencePiece value's leading space).
     Prompts of different lengths share one decode via left padding (model.generate's pad): each row keeps its
     own positions and never attends to padding, so its tokens are those it would get decoded alone. Wide batches:
     on a GPU each decode step of a model this small is bound by kernel launches, not by its batch."""
@@ -70,7 +73,9 @@ def char_accuracy(model, tokenizer, pairs, device, ctx=nullcontext(), batch_size
         with ctx:
             out = model.generate(prompt, max_new_tokens, temperature=0.0, pad=pad)
         for i, row in zip(chunk, out[:, n:].tolist()):
-            scores[i] = char_score(tokenizer.decode(row)[:UUID_LEN], pairs[i]['value'])
+            p = pairs[i]['prompt']
+            pred = tokenizer.decode(p + row)[len(tokenizer.decode(p)):]
+            scores[i] = char_score(pred[:UUID_LEN], pairs[i]['value'])
     model.train(was_training)
     return sum(scores) / max(len(scores), 1)
 
@@ -86,11 +91,12 @@ def memory_pairs(dataset, n):
 
 
 def build_model(config, device='cpu'):
-    """The base model a run starts from: an HF checkpoint dir, or a fresh init (seeded) for init_from='scratch'."""
+    """The base model a run starts from: an HF checkpoint dir or hub id (its local snapshot), or a fresh init
+    (seeded) for init_from='scratch'."""
     if config['init_from'] == 'scratch':
         torch.manual_seed(config['seed'])
         return LLaMA(ModelConfig(**config['model_config'])).to(device)
-    return LLaMA.from_pretrained(config['init_from']).to(device)
+    return LLaMA.from_pretrained(checkpoint_dir(config['init_from'])).to(device)
 
 
 def load_checkpoint(path):
@@ -191,12 +197,13 @@ if __name__ == '__main__':
         run = ckpt['config']
         ds = Dataset(os.path.join('data', dataset or run['dataset']))
         ds.check(model.config.vocab_size, run['block_size'], run['tokenizer'])
-    except (FileNotFoundError, ValueError) as e:
+        pairs = memory_pairs(ds, char_acc_pairs)
+        tok = load_tokenizer(ds.tokenizer) if pairs else None
+    except (OSError, ValueError, ImportError) as e:  # OSError: offline hub/tiktoken; ImportError: a tokenizer's package
         die(e)
     bs = batch_size or run['batch_size']
     loss = estimate_loss(model, ds, split, bs, run['block_size'], eval_iters, device)
     print(f"{out_dir} @ iter {ckpt['iter_num']}: {split} loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})")
-    pairs = memory_pairs(ds, char_acc_pairs)
     if pairs:
-        acc = char_accuracy(model, load_tokenizer(ds.tokenizer), pairs, device)
+        acc = char_accuracy(model, tok, pairs, device)
         print(f"char_acc {100 * acc:.1f}% over {len(pairs)} pairs")

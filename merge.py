@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 
 import adapters
 from eval import build_model, load_run
+from tokenizer import checkpoint_dir
 
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model', 'special_tokens_map.json',
-                   'generation_config.json')
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model', 'special_tokens_map.json')
 
 
 def merged_state_dict(base_sd, ckpt):
@@ -42,9 +42,14 @@ def merge_run(out_dir, merged_dir):
     base = build_model(ckpt['config'])
     base.load_state_dict(merged_state_dict(base.state_dict(), ckpt), strict=True)
     base.save_pretrained(merged_dir)
-    src = ckpt['config']['init_from']
-    for name in TOKENIZER_FILES:  # the tokenizer travels with the weights
-        if src != 'scratch' and os.path.exists(os.path.join(src, name)):
+    # the run's tokenizer travels with the weights (a dir or hub id: the base's own, or --tokenizer=<dir> from
+    # scratch), and the base's generation settings; 'byte' and tiktoken names have no files
+    config = ckpt['config']
+    copies = [(checkpoint_dir(config['tokenizer']), name) for name in TOKENIZER_FILES]
+    if config['init_from'] != 'scratch':
+        copies.append((checkpoint_dir(config['init_from']), 'generation_config.json'))
+    for src, name in copies:
+        if os.path.isdir(src) and os.path.isfile(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), merged_dir)
     print(f"merged {len(ckpt['adapters'] or {})} adapted layers of {out_dir} (iter {ckpt['iter_num']}) into {merged_dir}")
     return merged_dir
@@ -107,5 +112,5 @@ if __name__ == '__main__':
                 export_peft(out_dir, peft_dir)
             else:
                 merge_run(out_dir, merged_dir or os.path.join(out_dir, 'merged'))
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: a missing file or run, a hub id offline
         die(e)

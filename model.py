@@ -1,5 +1,5 @@
 """
-A LLaMA-family decoder in one file (LLaMA 1/2/3, SmolLM2, Mistral without sliding window), nanoGPT style:
+A LLaMA-family decoder in one file (LLaMA 1/2/3, SmolLM2, Mistral), nanoGPT style:
 RMSNorm, SwiGLU MLP, rotate-half RoPE (+ llama3 scaling), grouped-query attention, optional tied embeddings,
 a KV-cache generate, and HF checkpoint load/save (config.json + safetensors, HF key names).
 Module names follow HF with the `model.` prefix removed. Every projection is a `Linear`, the adapter hook.
@@ -307,8 +307,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             refuse(key, "this model has bias-free projections")
-    if hf.get("sliding_window") is not None:
-        refuse("sliding_window", "sliding-window attention is not implemented")
     if hf.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "the MLP is SwiGLU with silu")
     # transformers >= 5 writes `rope_parameters` (theta inside); older versions `rope_theta` + `rope_scaling`
@@ -322,8 +320,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"unsupported checkpoint: partial_rotary_factor={rope['partial_rotary_factor']}")
     n_head = hf["num_attention_heads"]
     eos = hf.get("eos_token_id")
+    # a sliding window of w tokens is plain causal attention on up to w tokens (Mistral-7B v0.1: 4096): context <= w
+    block_size = min(hf.get("max_position_embeddings", 2048), hf.get("sliding_window") or float("inf"))
     return ModelConfig(
-        vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+        vocab_size=hf["vocab_size"], block_size=block_size,
         n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
         n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head, rope_theta=float(theta),

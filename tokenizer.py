@@ -1,16 +1,19 @@
 """
-Tokenizers for every data and eval script, all byte-level BPE through tiktoken (or raw bytes).
+Tokenizers for every data and eval script: byte-level BPE through tiktoken, SentencePiece, or raw bytes.
 load_tokenizer(spec) takes a spec string, the one stored in data/<name>/meta.json:
     "byte"               bytes 0..255 are ids 0..255, BOS = 256, EOS = 257, n_vocab = 258; no files
     "tiktoken:<name>"    a named tiktoken encoding (gpt2, cl100k_base, ...); downloaded by tiktoken on first use
-    <dir>                an HF checkpoint dir: a byte-level BPE tokenizer.json (GPT-2, SmolLM2, Llama-3 style),
-                         or else a Llama-3 tiktoken tokenizer.model (base64 "token rank" lines)
+    <dir>                an HF checkpoint dir: a SentencePiece tokenizer.model (Llama 2, Mistral-7B v0.1, TinyLlama;
+                         through the sentencepiece package, whatever tokenizer.json sits beside it), else a byte-level
+                         BPE tokenizer.json (GPT-2, SmolLM2, Llama-3 style), else a Llama-3 tiktoken tokenizer.model
+    <owner>/<name>       a hub id (meta-llama/Llama-2-7b-hf): the dir checkpoint_dir() downloads into the HF cache
     python -c "from tokenizer import load_tokenizer; t = load_tokenizer('byte'); print(t.encode('hi'))"
 """
 import base64
 import functools
 import json
 import os
+import re
 import unicodedata
 
 import tiktoken
@@ -53,9 +56,55 @@ class Tokenizer:
         return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
+class SentencePieceTokenizer(Tokenizer):
+    """sentencepiece's own encode: the dummy-prefix '▁' first, byte fallback, control pieces (<s>, </s>) never
+    matched in text. decode drops control ids and, like sentencepiece, the leading '▁' of the first piece, so
+    decode(encode(text)) == text; text decoded after a prompt is decode(prompt + ids) less decode(prompt)."""
+    def __init__(self, spec, sp, bos_id, eos_id):
+        super().__init__(spec, None, bos_id, eos_id, sp.get_piece_size())
+        self.sp = sp
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:  # ids past the vocab (a model's padded embedding rows) decode to nothing
+        return self.sp.decode([i for i in map(int, ids) if 0 <= i < self.n_vocab])
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
     """Build (once per spec, then cached) the tokenizer a spec string names; see the module docstring."""
     return _load(os.path.abspath(spec) if os.path.isdir(spec) else spec)
+
+
+# what a training run reads of a hub checkpoint: config, safetensors weights (model*.safetensors: not the
+# consolidated.safetensors copy Mistral repos add, nor *.bin), tokenizer files
+HUB_FILES = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+             "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint_dir(spec: str) -> str:
+    """The local dir of a checkpoint spec: spec itself, or for a hub id (owner/name, not a local path) its
+    snapshot in the HF cache, downloaded once by huggingface_hub (HF_HUB_OFFLINE=1 reads the cache alone)."""
+    if os.path.exists(spec) or not HUB_ID.fullmatch(spec):
+        return spec
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"{spec!r} is no local dir; to fetch it from the hub: pip install huggingface_hub") from None
+    try:
+        return snapshot_download(spec, allow_patterns=HUB_FILES)
+    except (OSError, ValueError) as e:  # offline, no such repo, gated, a malformed id: all are OSError/ValueError there
+        kinds = {c.__name__ for c in type(e).__mro__}
+        known = {"GatedRepoError": "gated: accept its license on the hub, then `hf auth login` or set HF_TOKEN",
+                 "RepositoryNotFoundError": "no such repo, or a private one",
+                 "LocalEntryNotFoundError": "the hub is unreachable or HF_HUB_OFFLINE=1, and the HF cache lacks it"}
+        first = (str(e).strip().splitlines() or [""])[0][:120]  # hub messages run over several lines
+        why = next((known[k] for k in known if k in kinds), f"{type(e).__name__}: {first}")
+        raise FileNotFoundError(f"{spec!r} is no local dir and could not be fetched from the Hugging Face hub ({why}); "
+                                f"offline, pass a local checkpoint dir (python data/smollm2/prepare.py writes one) or "
+                                f"set HF_HUB_OFFLINE=1 with an HF cache (HF_HOME) that holds it") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,13 +123,20 @@ def _load(spec: str) -> Tokenizer:
                                   f"Cause: {type(e).__name__}: {e}") from e
         # the OpenAI encodings have an end-of-text token and no BOS (nanoGPT's usage)
         return Tokenizer(spec, enc, None, enc._special_tokens.get("<|endoftext|>"), enc.n_vocab)
-    if not os.path.isdir(spec):
-        raise FileNotFoundError(f"tokenizer spec {spec!r} is not 'byte', 'tiktoken:<name>' or a directory")
-    if os.path.exists(os.path.join(spec, "tokenizer.json")):
-        return _from_tokenizer_json(spec)
-    if os.path.exists(os.path.join(spec, "tokenizer.model")):
-        return _from_tiktoken_model(spec)
-    raise FileNotFoundError(f"{spec} has neither tokenizer.json nor tokenizer.model")
+    path = checkpoint_dir(spec)  # a hub id reads its local snapshot and stays the spec (data and runs record it)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer spec {spec!r} is not 'byte', 'tiktoken:<name>', a directory or a hub id")
+    model_file = os.path.join(path, "tokenizer.model")
+    if _is_sentencepiece(model_file):
+        tok = _from_sentencepiece(path)
+    elif os.path.exists(os.path.join(path, "tokenizer.json")):
+        tok = _from_tokenizer_json(path)
+    elif os.path.exists(model_file):
+        tok = _from_tiktoken_model(path)
+    else:
+        raise FileNotFoundError(f"{path} has neither tokenizer.json nor tokenizer.model")
+    tok.spec = spec
+    return tok
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -138,7 +194,8 @@ def _from_tokenizer_json(path: str) -> Tokenizer:
     model, pre = tj["model"], tj.get("pre_tokenizer")
     if model["type"] != "BPE" or (pre or {}).get("type") == "Metaspace" or model.get("byte_fallback"):
         raise ValueError(f"{path}/tokenizer.json is a SentencePiece-style tokenizer (model {model['type']}, "
-                         f"pre-tokenizer {(pre or {}).get('type')}), not byte-level BPE: not tiktoken-compatible")
+                         f"pre-tokenizer {(pre or {}).get('type')}): it loads from the SentencePiece tokenizer.model "
+                         f"that such checkpoints ship beside it, and {path} has none")
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise ValueError(f"{path}/tokenizer.json: BPE with subword prefix/suffix is not byte-level BPE")
     norm = tj.get("normalizer")
@@ -178,8 +235,8 @@ def _from_tiktoken_model(path: str) -> Tokenizer:
         for line in f.read().splitlines():
             parts = line.split()
             if len(parts) != 2 or not parts[1].isdigit():
-                raise ValueError(f"{file} is not a tiktoken BPE file (base64 token, rank per line); a SentencePiece "
-                                 f"tokenizer.model (Llama 2, TinyLlama) is not tiktoken-compatible")
+                raise ValueError(f"{file} is neither a SentencePiece model nor a tiktoken BPE file (base64 token, "
+                                 f"rank per line)")
             ranks[base64.b64decode(parts[0])] = int(parts[1])
     specials = {s: len(ranks) + k for k, s in enumerate(LLAMA3_SPECIALS)}
     enc = tiktoken.Encoding(f"llama3:{path}", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
@@ -187,3 +244,29 @@ def _from_tiktoken_model(path: str) -> Tokenizer:
     bos = specials["<|begin_of_text|>"] if bos is None else bos
     eos = specials["<|end_of_text|>"] if eos is None else eos
     return Tokenizer(path, enc, bos, eos, enc.n_vocab)
+
+
+def _is_sentencepiece(file: str) -> bool:
+    """A SentencePiece model is a protobuf whose first field is its pieces (tag byte 0x0A); tiktoken's file is text."""
+    if not os.path.exists(file):
+        return False
+    with open(file, "rb") as f:
+        return f.read(1) == b"\n"
+
+
+def _from_sentencepiece(path: str) -> Tokenizer:
+    file = os.path.join(path, "tokenizer.model")
+    try:
+        import sentencepiece
+    except ImportError:
+        raise ImportError(f"{file} is a SentencePiece model: pip install sentencepiece") from None
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.Load(file)
+    except RuntimeError as e:
+        raise ValueError(f"{file} does not load as a SentencePiece model ({str(e).strip()[:120]})") from None
+    # BOS/EOS by id: the checkpoint's config files first (as for tokenizer.json), then the model's own
+    bos, eos = _special_ids(path, {sp.id_to_piece(i): i for i in range(sp.get_piece_size())})
+    bos = sp.bos_id() if bos is None and sp.bos_id() >= 0 else bos
+    eos = sp.eos_id() if eos is None and sp.eos_id() >= 0 else eos
+    return SentencePieceTokenizer(path, sp, bos, eos)

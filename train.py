@@ -43,10 +43,10 @@ char_acc_pairs = 0  # memory datasets: pairs scored by greedy decoding at each e
 eval_only = False  # evaluate once and exit
 note = ''  # printed at the start and the end of the run (configs say there what the run does and does not show)
 resume = False  # continue the run in out_dir exactly where its checkpoint stopped
-init_from = 'scratch'  # 'scratch' or an HF checkpoint dir (e.g. data/smollm2/SmolLM2-135M-Instruct)
+init_from = 'scratch'  # 'scratch' | an HF checkpoint dir (data/smollm2/SmolLM2-135M-Instruct) | a hub id (owner/name)
 # data
 dataset = 'memory'  # data/<dataset>/ as written by a data/*/prepare.py script
-tokenizer = ''  # 'byte' | 'tiktoken:<name>' | a checkpoint dir ('' = init_from's own; 'byte' from scratch)
+tokenizer = ''  # 'byte' | 'tiktoken:<name>' | a checkpoint dir or hub id ('' = init_from's own; 'byte' from scratch)
 batch_size = 16  # sequences per micro-batch (per process)
 block_size = 128  # tokens per sequence
 gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all processes
@@ -104,10 +104,10 @@ MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_
               'compile', 'device', 'out_dir', 'note', 'parallel')  # out_dir: a moved or copied run dir resumes as well
 
 
-def setup(fn, *args, **kwargs):  # a setup step: its expected failures (missing file, offline, unfit value) become die()
+def setup(fn, *args, **kwargs):  # a setup step: expected failures (missing file, offline, bad value, package) -> die()
     try:
         return fn(*args, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         die(e)
 
 

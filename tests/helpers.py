@@ -1,9 +1,11 @@
-"""Shared by the tests: run train.py in-process on a tiny from-scratch LLaMA and byte-level data."""
+"""Shared by the tests: run train.py in-process on a tiny from-scratch LLaMA and byte-level data; a fixed decoder."""
 import json
 import os
 import runpy
 import signal
 import sys
+
+import torch
 
 from data import write_dataset
 
@@ -43,3 +45,16 @@ def run_train(args, out_dir, tiny=True):
 def metrics(out_dir):
     with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
         return [json.loads(line) for line in f]
+
+
+class Oracle(torch.nn.Module):
+    """A decoder that emits a fixed continuation per prompt: the true value, or a corrupted one."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers = answers
+
+    def generate(self, idx, max_new_tokens, temperature=0.0, pad=None):
+        pad = [0] * len(idx) if pad is None else pad.tolist()  # left padding: the prompt starts at pad[b]
+        rows = [p + self.answers[tuple(p[k:])][:max_new_tokens] for p, k in zip(idx.tolist(), pad)]
+        return torch.tensor([r + [0] * (idx.size(1) + max_new_tokens - len(r)) for r in rows])

@@ -57,10 +57,12 @@ def test_memory_config_runs(path, byte_pairs, tmp_path, monkeypatch):
     own = {}
     exec(open(path).read(), own)  # what the config itself sets
     tiny = [a for a in TINY if not a.startswith(('--learning_rate', '--warmup_iters'))]  # keep the config's
-    # after the config: the tiny model (block 96 holds a prompt + 44 decoded bytes), then the run's length
+    # after the config: the tiny model (block 96 holds a prompt + 44 decoded bytes), then the run's length (one
+    # micro-batch per step: the 7B configs accumulate 32)
     g = run_train([path, *tiny, '--block_size=96', f'--dataset={byte_pairs}', '--max_iters=6', '--eval_interval=6',
-                   '--eval_iters=1', '--char_acc_pairs=2', *mode_args], tmp_path, tiny=False)
-    config = os.path.basename(path)[len('memory_'):-3].removeprefix('gpu_').removesuffix('_r256')
+                   '--gradient_accumulation_steps=1', '--eval_iters=1', '--char_acc_pairs=2', *mode_args],
+                  tmp_path, tiny=False)
+    config = os.path.basename(path)[:-3].removesuffix('_r256').rsplit('_', 1)[-1]  # memory_[gpu_|llama2_7b_]<mode>
     assert g['mode'] == config and g['learning_rate'] == own['learning_rate']
     rows = metrics(tmp_path)
     assert [r['iter'] for r in rows if 'loss' in r] == list(range(1, 7))

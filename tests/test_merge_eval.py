@@ -9,7 +9,7 @@ import torch
 
 import eval as evaluate
 import merge
-from helpers import MODE_ARGS, ROOT, run_train, write_stream
+from helpers import MODE_ARGS, ROOT, Oracle, run_train, write_stream
 from model import LLaMA
 
 
@@ -85,19 +85,6 @@ def test_char_score_golden():
     assert evaluate.char_score(value[:18], value) == 0.5
     wrong = ''.join('x' if i % 4 == 0 else c for i, c in enumerate(value))  # 9 of 36 positions wrong
     assert evaluate.char_score(wrong, value) == 27 / 36
-
-
-class Oracle(torch.nn.Module):
-    """A decoder that emits a fixed continuation per prompt: the true value, or a corrupted one."""
-
-    def __init__(self, answers):
-        super().__init__()
-        self.answers = answers
-
-    def generate(self, idx, max_new_tokens, temperature=0.0, pad=None):
-        pad = [0] * len(idx) if pad is None else pad.tolist()  # left padding: the prompt starts at pad[b]
-        rows = [p + self.answers[tuple(p[k:])][:max_new_tokens] for p, k in zip(idx.tolist(), pad)]
-        return torch.tensor([r + [0] * (idx.size(1) + max_new_tokens - len(r)) for r in rows])
 
 
 def test_char_accuracy_of_perfect_and_wrong_decoders():

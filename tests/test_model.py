@@ -79,6 +79,23 @@ def test_mistral_loads(tmp_path):
         assert (ours(idx)[0] - hf(idx).logits).abs().max() <= 1e-4
 
 
+def test_mistral_sliding_window_caps_the_context(tmp_path):
+    """Mistral-7B v0.1's sliding_window (4096 of 32768 positions): within the window attention is plain causal, so
+    the checkpoint loads with block_size = the window, and matches transformers' sliding-window Mistral up to it."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=24,
+                                     max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.MistralForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = LLaMA.from_pretrained(tmp_path)
+    assert ours.config.block_size == 24
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True, n_kv_head=1, rope_theta=3e4),
                                 dict(rope_scaling=dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0,
                                                        high_freq_factor=4.0, original_max_position_embeddings=8))])
@@ -138,7 +155,6 @@ def test_missing_tensor_is_named(tmp_path):
 @pytest.mark.parametrize("change, match", [
     (dict(attention_bias=True), "attention_bias"),
     (dict(mlp_bias=True), "mlp_bias"),
-    (dict(model_type="mistral", sliding_window=4096), "sliding_window"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(model_type="gpt2"), "model_type"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}, rope_parameters=None), "yarn"),

@@ -1,8 +1,10 @@
 """Tests for tokenizer.py: tiktoken encodings built from HF tokenizer.json files equal the `tokenizers` library,
-Llama-3 tokenizer.model files, the byte tokenizer, refusals. Offline: tokenizers are trained here on a tiny corpus.
+Llama-3 tokenizer.model files, SentencePiece models equal `sentencepiece`, the byte tokenizer, refusals, hub ids.
+Offline: tokenizers are trained here on a tiny corpus.
     python -m pytest -q tests/test_tokenizer.py
 """
 import base64
+import io
 import json
 import os
 import random
@@ -132,19 +134,105 @@ def test_partial_utf8_decodes_with_replacement(tmp_path):
     assert len(ids) == 3 and hf.decode(ids[:2]) == "\ufffd" and hf.decode(ids) == "ሴ"
 
 
-def test_refuses_sentencepiece(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers as pt
-    sp = tokenizers.Tokenizer(models.Unigram([("<unk>", 0.0), ("▁a", -1.0), ("a", -2.0)], unk_id=0))
-    sp.pre_tokenizer = pt.Metaspace()
-    (tmp_path / "sp").mkdir()
-    sp.save(str(tmp_path / "sp" / "tokenizer.json"))
-    with pytest.raises(ValueError, match="SentencePiece"):
+def train_sentencepiece(path, **kw):
+    """A tiny SentencePiece BPE trained here with Llama 2's settings (byte fallback, digits split, identity
+    normalizer, whitespace kept, dummy prefix), saved as path/tokenizer.model; returns the processor."""
+    spm = pytest.importorskip("sentencepiece")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 3), model_writer=model, vocab_size=600, model_type="bpe", byte_fallback=True,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, character_coverage=0.99, hard_vocab_limit=False, minloglevel=2, **kw)
+    os.makedirs(path, exist_ok=True)
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def test_sentencepiece_tokenizer_model(tmp_path):
+    """A SentencePiece tokenizer.model encodes as sentencepiece itself, decodes back to the text (its leading '▁'
+    handled), never parses special-token text, and takes BOS/EOS from the model or the checkpoint's config."""
+    ref = train_sentencepiece(tmp_path / "sp")
+    tok = load_tokenizer(str(tmp_path / "sp"))
+    assert isinstance(tok, tk.SentencePieceTokenizer) and tok.n_vocab == ref.get_piece_size() == 600
+    for text in CHECKS + CORPUS:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text), text
+        assert tok.decode(ids) == text and tok.decode([tok.bos_id, *ids, tok.eos_id]) == text, text
+    assert ref.id_to_piece(tok.encode("a b")[0]).startswith("▁")  # the dummy prefix, which decode strips again
+    assert (tok.bos_id, tok.eos_id) == (ref.bos_id(), ref.eos_id()) == (1, 2)
+    assert tok.encode("<s>") != [1] and tok.decode(tok.encode("</s>")) == "</s>"  # special-token text is text
+    assert tok.decode([tok.n_vocab, tok.n_vocab + 5, *tok.encode("hi")]) == "hi"  # a padded embedding's rows
+    assert set(tok.decode(tok.encode("ሴ")[-2:])) == {"\ufffd"}  # not in the corpus: byte fallback, cut mid-character
+    # ids named by the checkpoint's config files come first, as for tokenizer.json
+    with open(tmp_path / "sp" / "tokenizer_config.json", "w") as f:
+        json.dump({"bos_token": {"content": "</s>"}, "eos_token_id": 0}, f)
+    tk._load.cache_clear()
+    assert (load_tokenizer(str(tmp_path / "sp")).bos_id, load_tokenizer(str(tmp_path / "sp")).eos_id) == (2, 0)
+
+
+def test_sentencepiece_beside_its_tokenizer_json(tmp_path):
+    """Llama 2 / Mistral / TinyLlama HF dirs ship a SentencePiece-style tokenizer.json (Metaspace, byte fallback)
+    beside tokenizer.model: the model is used. Without it, that tokenizer.json is refused, naming what is missing."""
+    transformers = pytest.importorskip("transformers")
+    ref = train_sentencepiece(tmp_path / "sp")
+    json.dump({"model_type": "llama"}, open(tmp_path / "sp" / "config.json", "w"))
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "sp").save_pretrained(tmp_path / "sp")
+    tj = json.load(open(tmp_path / "sp" / "tokenizer.json"))
+    assert tj["model"]["byte_fallback"] and "Metaspace" in json.dumps(tj["pre_tokenizer"])
+    tok = load_tokenizer(str(tmp_path / "sp"))
+    assert isinstance(tok, tk.SentencePieceTokenizer) and tok.encode(TEXT) == ref.encode(TEXT)
+    os.remove(tmp_path / "sp" / "tokenizer.model")
+    tk._load.cache_clear()
+    with pytest.raises(ValueError, match="SentencePiece-style.*tokenizer.model"):
         load_tokenizer(str(tmp_path / "sp"))
-    (tmp_path / "spm").mkdir()  # a SentencePiece protobuf tokenizer.model (Llama 2) is not base64 lines
+
+
+def test_refuses_broken_sentencepiece_and_tiktoken_files(tmp_path):
+    pytest.importorskip("sentencepiece")
+    (tmp_path / "spm").mkdir()  # a protobuf (first byte 0x0A) that is no usable model: one piece, no trainer spec
     (tmp_path / "spm" / "tokenizer.model").write_bytes(b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
-    with pytest.raises(ValueError, match="SentencePiece"):
+    with pytest.raises(ValueError, match="does not load as a SentencePiece model"):
         load_tokenizer(str(tmp_path / "spm"))
+    (tmp_path / "tt").mkdir()
+    (tmp_path / "tt" / "tokenizer.model").write_text("IQ== 0\nnot a rank line\n")
+    with pytest.raises(ValueError, match="neither a SentencePiece model nor a tiktoken BPE file"):
+        load_tokenizer(str(tmp_path / "tt"))
+
+
+def test_checkpoint_dir_resolves_only_hub_ids(tmp_path, monkeypatch):
+    """Local dirs, 'scratch', 'byte', tiktoken names pass through; owner/name goes to huggingface_hub once, for the
+    files a run reads only (no .bin, no consolidated.safetensors); hub failures are one FileNotFoundError line."""
+    hub = pytest.importorskip("huggingface_hub")
+    httpx = pytest.importorskip("httpx")  # huggingface_hub's HTTP client: its errors carry a response
+    calls = []
+
+    def download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        if repo_id == "gated/model":
+            request = httpx.Request("GET", "https://huggingface.co/api/models/gated/model")
+            response = httpx.Response(401, request=request)
+            raise hub.errors.GatedRepoError("401 Client Error.\nAccess to model gated/model is restricted.",
+                                            response=response)
+        return str(tmp_path)
+    monkeypatch.setattr(hub, "snapshot_download", download)
+    tk.checkpoint_dir.cache_clear()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local" / "dir").mkdir(parents=True)
+    for spec in ("scratch", "byte", "tiktoken:gpt2", "local/dir", str(tmp_path), "a/b/c"):
+        assert tk.checkpoint_dir(spec) == spec and not calls
+    assert tk.checkpoint_dir("meta-llama/Llama-2-7b-hf") == str(tmp_path)
+    assert tk.checkpoint_dir("meta-llama/Llama-2-7b-hf") == str(tmp_path) and len(calls) == 1  # resolved once
+    import fnmatch
+    patterns = calls[0][1]
+    wanted = ["config.json", "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+              "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    unwanted = ["pytorch_model-00001-of-00002.bin", "consolidated.safetensors", "consolidated.00.pth", "README.md"]
+    assert all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in wanted)
+    assert not any(fnmatch.fnmatch(f, p) for f in unwanted for p in patterns)
+    with pytest.raises(FileNotFoundError) as e:
+        tk.checkpoint_dir("gated/model")
+    assert "gated: accept its license" in str(e.value) and "\n" not in str(e.value)
+    tk.checkpoint_dir.cache_clear()
 
 
 def test_tiktoken_offline_error(monkeypatch):

@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)  # `data` and `tokenizer` live at the repo root
 from data import short_name, write_dataset  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from tokenizer import checkpoint_dir, load_tokenizer  # noqa: E402
 
 # the Stanford Alpaca prompt template
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -43,7 +43,7 @@ def read_records(args):
 def chat_renderer(tok_dir):
     """(render(instruction_text) -> prompt text, special-token strings -> ids) from the dir's tokenizer_config.json."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment  # jinja2 comes with torch
-    path = os.path.join(tok_dir, "tokenizer_config.json")
+    path = os.path.join(checkpoint_dir(tok_dir), "tokenizer_config.json")  # a hub id: its cached snapshot
     cfg = json.load(open(path)) if os.path.isfile(path) else {}
     if not cfg.get("chat_template"):
         sys.exit(f"error: --chat_template=True but {path} has no chat_template")
