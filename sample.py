@@ -2,7 +2,7 @@
 Sample from a trained run (base + its adapters, no merge needed) or from any HF checkpoint dir, nanoGPT's sample.py.
 Prints the completion only (up to EOS); greedy by default, so the same command prints the same text.
 
-$ python sample.py --out_dir=out/memory_mora --prompt="9f1c...:"            # a run dir, as eval.py loads it
+$ python sample.py --out_dir=out/memory_mora --prompt="b5bab1cd-8884-47a5-acef-e37b9e250d03:"   # a run dir (eval.load_run)
 $ python sample.py --init_from=out/memory_mora/merged --prompt=FILE:prompt.txt   # an HF dir (merge.py's output)
 $ python sample.py --init_from=data/smollm2/SmolLM2-135M-Instruct --chat=True --prompt="What is the capital of France?"
 $ python sample.py --out_dir=out/x --temperature=0.8 --top_k=200 --num_samples=3 --seed=1
@@ -56,6 +56,7 @@ def prompt_ids(tok, text, chat=False):
     return [i for p in parts if p for i in ([specials[p]] if p in specials else tok.encode(p))]
 
 
+@torch.no_grad()
 def completions(model, tok, ids, num_samples=1, max_new_tokens=64, temperature=0.0, top_k=0):
     """num_samples continuations of ids in one batched generate, each cut before its first EOS, decoded."""
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=model.embed_tokens.weight.device)
@@ -80,14 +81,14 @@ if __name__ == '__main__':
     device = 'auto'  # 'cpu' | 'cuda' | 'auto'
     # -----------------------------------------------------------------------------
     configure(globals(), sys.argv[1:], __file__)
-    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device  # resolved after overrides
     if temperature < 0 or top_k < 0 or num_samples < 1 or max_new_tokens < 1:
         die("temperature and top_k must be >= 0, num_samples and max_new_tokens >= 1")
     try:  # the expected failures of a missing run, dir, tokenizer, template or prompt file
         if init_from:
-            model = LLaMA.from_pretrained(init_from).to(device)
+            model = LLaMA.from_pretrained(init_from).to(dev)
         else:
-            model, ckpt = load_run(out_dir, device)
+            model, ckpt = load_run(out_dir, dev)
         tok = load_tokenizer(tokenizer or (init_from or ckpt['config']['tokenizer']))
         text = open(prompt[5:], encoding='utf-8').read() if prompt.startswith('FILE:') else prompt
         ids = prompt_ids(tok, text, chat)
@@ -99,6 +100,4 @@ if __name__ == '__main__':
         die(f"prompt ({len(ids)} tokens) + max_new_tokens={max_new_tokens} exceed the model's block_size "
             f"{model.config.block_size}")
     torch.manual_seed(seed)
-    with torch.no_grad():
-        samples = completions(model, tok, ids, num_samples, max_new_tokens, temperature, top_k)
-    print('\n---------------\n'.join(samples))
+    print('\n---------------\n'.join(completions(model, tok, ids, num_samples, max_new_tokens, temperature, top_k)))
