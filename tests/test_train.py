@@ -174,11 +174,12 @@ def test_wandb_missing_is_one_line_error(stream_ds, tmp_path, monkeypatch, capsy
 def test_wandb_offline_run_logs_the_metrics_rows(stream_ds, tmp_path, monkeypatch):
     """WANDB_MODE=offline: the run writes wandb/offline-run-*/run-*.wandb under WANDB_DIR, holding every value of
     every metrics.jsonl row (its records keep each logged value as JSON text)."""
-    pytest.importorskip('wandb', reason='pip install wandb (requirements-dev.txt) to test wandb_log')
+    wandb = pytest.importorskip('wandb', reason='pip install wandb (requirements-dev.txt) to test wandb_log')
     for k, v in {'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path), 'WANDB_SILENT': 'true', 'WANDB_CONSOLE': 'off'}.items():
         monkeypatch.setenv(k, v)
     run_train([f'--dataset={stream_ds}', '--max_iters=2', '--eval_interval=2', '--wandb_log=True',
                '--wandb_run_name=tiny-offline-check'], tmp_path / 'run')
+    wandb.teardown()  # the log is written by wandb's service process: stop it, as a script's exit does, to flush it
     logs = list((tmp_path / 'wandb').glob('offline-run-*/run-*.wandb'))
     assert len(logs) == 1, logs
     data = logs[0].read_bytes()
