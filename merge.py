@@ -21,7 +21,8 @@ import adapters
 from eval import build_model, load_run
 from tokenizer import checkpoint_dir
 
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model', 'special_tokens_map.json')
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model', 'special_tokens_map.json',
+                   'chat_template.jinja', 'generation_config.json')
 
 
 def merged_state_dict(base_sd, ckpt):
@@ -35,7 +36,8 @@ def merged_state_dict(base_sd, ckpt):
 
 
 def merge_run(out_dir, merged_dir):
-    """Write merged_dir (config.json, model.safetensors, tokenizer files) for the run in out_dir."""
+    """Write merged_dir for the run in out_dir: config.json, model.safetensors, the base's tokenizer files and
+    generation_config.json, all that transformers' AutoModelForCausalLM / AutoTokenizer / GenerationConfig load."""
     if os.path.exists(os.path.join(merged_dir, 'model.safetensors')):
         raise FileExistsError(f"{merged_dir} already holds a merged model; refusing to merge twice")
     model, ckpt = load_run(out_dir)  # checks the base fingerprint
@@ -51,6 +53,10 @@ def merge_run(out_dir, merged_dir):
     for src, name in copies:
         if os.path.isdir(src) and os.path.isfile(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), merged_dir)
+    gen = os.path.join(merged_dir, 'generation_config.json')
+    if not os.path.exists(gen):  # a base without one (scratch): from the model config, as transformers derives it
+        with open(gen, 'w') as f:
+            json.dump({'bos_token_id': base.config.bos_token_id, 'eos_token_id': base.config.eos_token_id}, f, indent=1)
     print(f"merged {len(ckpt['adapters'] or {})} adapted layers of {out_dir} (iter {ckpt['iter_num']}) into {merged_dir}")
     return merged_dir
 

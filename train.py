@@ -42,6 +42,9 @@ eval_iters = 20  # val batches per loss estimate (fixed order: the same number e
 char_acc_pairs = 0  # memory datasets: pairs scored by greedy decoding at each eval (0 = off, -1 = all)
 eval_only = False  # evaluate once and exit
 note = ''  # printed at the start and the end of the run (configs say there what the run does and does not show)
+wandb_log = False  # also log the metrics.jsonl rows to Weights & Biases (pip install wandb; WANDB_MODE=offline works)
+wandb_project = 'mora-gpt'  # wandb project
+wandb_run_name = ''  # wandb run name ('' = the out_dir's name)
 resume = False  # continue the run in out_dir exactly where its checkpoint stopped
 init_from = 'scratch'  # 'scratch' | an HF checkpoint dir (data/smollm2/SmolLM2-135M-Instruct) | a hub id (owner/name)
 # data
@@ -101,7 +104,8 @@ MODES = ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora')
 CODE = ('train.py', 'model.py', 'adapters.py', 'eval.py', 'configurator.py', 'tokenizer.py', 'data/__init__.py')
 # keys a resumed run may change; any other difference is refused
 MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs', 'eval_only', 'resume',
-              'compile', 'device', 'out_dir', 'note', 'parallel')  # out_dir: a moved or copied run dir resumes as well
+              'compile', 'device', 'out_dir', 'note', 'parallel',  # out_dir: a moved or copied run dir resumes as well
+              'wandb_log', 'wandb_project', 'wandb_run_name')
 
 
 def setup(fn, *args, **kwargs):  # a setup step: expected failures (missing file, offline, bad value, package) -> die()
@@ -129,6 +133,11 @@ if merge_every and not restarts:
     die(f"merge_every={merge_every} needs mode relora or remora, got mode={mode!r}")
 if restarts and not merge_every:  # a restart mode that never restarts is silently its plain twin
     die(f"mode={mode!r} merges every merge_every steps: set merge_every >= 1 (0 trains plain {mode[2:]})")
+if wandb_log:  # the tracker is optional: imported only when on, and found missing before anything is built
+    try:
+        import wandb
+    except ImportError:
+        die("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)")
 if mode == 'remora' and mora_kind not in ('auto', *adapters.SHARE_KINDS):
     die(f"remora switches between share kinds; mora_kind={mora_kind!r} is not one of {' | '.join(adapters.SHARE_KINDS)}")
 if init_from == 'scratch' and (n_head % n_kv_head or n_embd % n_head):
@@ -385,6 +394,8 @@ def write_metrics(row):
         return
     with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
         f.write(json.dumps(row) + '\n')
+    if wandb_log:  # the same rows, keyed by step
+        wandb.log(row, step=row['iter'])
 
 
 # -----------------------------------------------------------------------------
@@ -416,6 +427,9 @@ if master:
                                    for name in CODE)).hexdigest()[:16]
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
         json.dump({**config, 'git': sha, 'code_sha256': code}, f, indent=1)
+    if wandb_log:
+        wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)),
+                   config=config)
     # a fresh run starts a new log; a resumed one drops what was logged past its checkpoint (that eval is redone)
     path = os.path.join(out_dir, 'metrics.jsonl')
     keep = lambda row: resume and (row['iter'] < iter_num or (row['iter'] == iter_num and 'val_loss' not in row))
@@ -532,6 +546,8 @@ if stop:
 elif master and not eval_only:
     log(f"done: {iter_num} iters in {(time.time() - t_start) / 60:.1f} min | {evals} | checkpoint {out_dir}/ckpt.pt"
         + (f"\nnote: {note}" if note else ''))
+if wandb_log and master:
+    wandb.finish()
 if ddp:
     dist.barrier()  # teardown together: a rank that leaves while rank 0 still evals and saves aborts gloo
     dist.destroy_process_group()

@@ -9,8 +9,10 @@ import torch
 
 import eval as evaluate
 import merge
-from helpers import MODE_ARGS, ROOT, Oracle, run_train, write_stream
+from data import write_dataset
+from helpers import MODE_ARGS, ROOT, Oracle, run_train, write_hf_dir, write_stream
 from model import LLaMA
+from tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope='module')
@@ -76,6 +78,35 @@ def test_peft_export_round_trip(stream_ds, tmp_path):
         a, b = logits(ours, idx), hf(idx).logits
     assert not torch.allclose(a, logits(pre, idx), atol=1e-4)  # the adapter did something
     assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+def test_merged_dir_loads_in_transformers_auto_classes(tmp_path):
+    """merge.py's dir of a run on an HF base (tokenizer, chat template, generation config) loads with transformers'
+    Auto classes as the base does, with the merged weights; a scratch run's dir still has a generation config."""
+    transformers = pytest.importorskip('transformers')
+    pytest.importorskip('tokenizers')
+    base = write_hf_dir(tmp_path / 'base')
+    tok = load_tokenizer(base)
+    text = "the cat sat on the mat. the dog sat on the log. " * 20
+    docs = [[tok.bos_id] + tok.encode(text[i:i + 200]) for i in range(0, len(text), 200)]
+    write_dataset(str(tmp_path / 'ds'), {'train': docs, 'val': docs[:2]}, {'tokenizer': base, 'vocab_size': tok.n_vocab})
+    run_train([f'--dataset={tmp_path / "ds"}', f'--init_from={base}', f'--tokenizer={base}', '--max_iters=2',
+               '--eval_interval=2', *MODE_ARGS['lora']], tmp_path / 'run')
+    merge.merge_run(tmp_path / 'run', tmp_path / 'm')
+    a, b = (transformers.AutoTokenizer.from_pretrained(d) for d in (base, tmp_path / 'm'))
+    assert b(text).input_ids == a(text).input_ids == tok.encode(text)
+    assert b.chat_template == a.chat_template and (b.bos_token, b.eos_token) == ('<|im_start|>', '<|im_end|>')
+    g = transformers.GenerationConfig.from_pretrained(tmp_path / 'm')
+    assert g.to_dict() == transformers.GenerationConfig.from_pretrained(base).to_dict()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'm', dtype=torch.float32).eval()
+    idx = torch.tensor([docs[0][:24]])
+    with torch.no_grad():
+        ours, theirs = logits(evaluate.load_run(tmp_path / 'run')[0], idx), hf(idx).logits
+    assert (ours - theirs).abs().max() <= 1e-4 * ours.abs().max()
+    run_train([f'--dataset={write_stream(tmp_path / "stream")}', '--max_iters=1', '--eval_interval=1'], tmp_path / 's')
+    merge.merge_run(tmp_path / 's', tmp_path / 'sm')
+    g = transformers.GenerationConfig.from_pretrained(tmp_path / 'sm')  # the byte tokenizer's BOS and EOS
+    assert (g.bos_token_id, g.eos_token_id) == (256, 257)
 
 
 def test_char_score_golden():

@@ -299,7 +299,7 @@ def test_init_from_a_hub_id(base, tmp_path):
     block = max(len(ds.example('train', i)[0]) for i in range(4)) - 1
     run = tmp_path / 'run'
     args = [*TINY, f'--init_from={REPO}', '--tokenizer=', f'--dataset={tmp_path / "pairs"}', f'--block_size={block}',
-            '--eval_interval=2', '--char_acc_pairs=-1', '--mode=lora', f'--out_dir={run}']
+            '--eval_interval=2', '--char_acc_pairs=-1', '--mode=lora', '--lr_decay_iters=4', f'--out_dir={run}']
     r = cli('train.py', *args, '--max_iters=2', env=env)
     assert r.returncode == 0, r.stderr
     config = json.load(open(run / 'config.json'))

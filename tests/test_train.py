@@ -1,4 +1,6 @@
 """train.py end to end on a tiny from-scratch LLaMA (2 layers, d 64) and a byte-level dataset, every mode."""
+import json
+import sys
 
 import pytest
 import torch
@@ -282,3 +284,31 @@ def test_eval_only_evaluates_once_and_trains_nothing(stream_ds, tmp_path):
     run_train([*common, '--eval_only=True'], tmp_path / 'fresh')
     rows = metrics(tmp_path / 'fresh')
     assert [r['iter'] for r in rows] == [0] and 'val_loss' in rows[0] and not (tmp_path / 'fresh' / 'ckpt.pt').exists()
+
+
+def test_wandb_missing_is_one_line_error(stream_ds, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'wandb', None)  # `import wandb` now raises ImportError, as when not installed
+    with pytest.raises(SystemExit) as e:
+        run_train([f'--dataset={stream_ds}', '--max_iters=1', '--wandb_log=True'], tmp_path)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith('error: wandb_log=True needs the wandb package') and '\n' not in err
+    assert not (tmp_path / 'config.json').exists()  # refused before anything was built or written
+
+
+def test_wandb_offline_run_logs_the_metrics_rows(stream_ds, tmp_path, monkeypatch):
+    """WANDB_MODE=offline: the run writes wandb/offline-run-*/run-*.wandb under WANDB_DIR, holding every value of
+    every metrics.jsonl row (its records keep each logged value as JSON text)."""
+    wandb = pytest.importorskip('wandb', reason='pip install wandb (requirements-dev.txt) to test wandb_log')
+    for k, v in {'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path), 'WANDB_SILENT': 'true', 'WANDB_CONSOLE': 'off'}.items():
+        monkeypatch.setenv(k, v)
+    run_train([f'--dataset={stream_ds}', '--max_iters=2', '--eval_interval=2', '--wandb_log=True',
+               '--wandb_run_name=tiny-offline-check'], tmp_path / 'run')
+    wandb.teardown()  # the log is written by wandb's service process: stop it, as a script's exit does, to flush it
+    logs = list((tmp_path / 'wandb').glob('offline-run-*/run-*.wandb'))
+    assert len(logs) == 1, logs
+    data = logs[0].read_bytes()
+    rows = metrics(tmp_path / 'run')
+    assert len(rows) == 4 and b'tiny-offline-check' in data  # 2 evals + 2 log lines
+    for row in rows:
+        for key, value in row.items():
+            assert key.encode() in data and json.dumps(value).encode() in data, (key, value)
