@@ -16,7 +16,7 @@ import torch
 
 from eval import load_run
 from model import LLaMA
-from tokenizer import load_tokenizer
+from tokenizer import checkpoint_dir, load_tokenizer
 
 
 def render_chat(tok_dir, text):
@@ -82,17 +82,19 @@ if __name__ == '__main__':
     # -----------------------------------------------------------------------------
     configure(globals(), sys.argv[1:], __file__)
     dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device  # resolved after overrides
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', dev) or ('cuda' in dev and not torch.cuda.is_available()):
+        die(f"device={device!r}: use cpu, or cuda / cuda:<index> where torch sees a GPU")
     if temperature < 0 or top_k < 0 or num_samples < 1 or max_new_tokens < 1:
         die("temperature and top_k must be >= 0, num_samples and max_new_tokens >= 1")
     try:  # the expected failures of a missing run, dir, tokenizer, template or prompt file
         if init_from:
-            model = LLaMA.from_pretrained(init_from).to(dev)
+            model = LLaMA.from_pretrained(checkpoint_dir(init_from)).to(dev)  # a dir or a hub id
         else:
             model, ckpt = load_run(out_dir, dev)
         tok = load_tokenizer(tokenizer or (init_from or ckpt['config']['tokenizer']))
         text = open(prompt[5:], encoding='utf-8').read() if prompt.startswith('FILE:') else prompt
         ids = prompt_ids(tok, text, chat)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: sentencepiece for a SentencePiece tokenizer
         die(e)
     if not ids:
         die("empty prompt and the tokenizer has no BOS to start from: give --prompt=...")

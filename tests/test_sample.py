@@ -118,7 +118,8 @@ def test_errors(run, tmp_path, capsys):
              ([f'--init_from={run / "merged"}', '--prompt=x'], 'tokenizer'),  # a scratch run's merge: no tokenizer files
              ([f'--out_dir={run / "run"}', '--chat=True', '--prompt=x'], 'chat'),
              ([f'--out_dir={run / "run"}', '--prompt=FILE:/nonexistent.txt'], 'nonexistent'),
-             ([f'--out_dir={run / "run"}', '--max_new_tokens=100'], 'block_size')]
+             ([f'--out_dir={run / "run"}', '--max_new_tokens=100'], 'block_size'),
+             ([f'--out_dir={run / "run"}', '--device=gpu'], "device='gpu'")]
     for args, msg in cases:
         out, err, code = sample_py(capsys, *args)
         assert code == 2 and err.startswith('error:') and msg in err and not out, (args, err)
