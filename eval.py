@@ -85,11 +85,13 @@ def memory_pairs(dataset, n):
 
 
 def build_model(config, device='cpu'):
-    """The base model a run starts from: an HF checkpoint dir, or a fresh init (seeded) for init_from='scratch'."""
+    """The base model a run starts from: an HF checkpoint dir, or a fresh init (seeded) for init_from='scratch',
+    in the run's base_dtype (resolved by train.py; runs saved before the key existed are fp32)."""
+    dtype = getattr(torch, config.get('base_dtype', 'float32'))
     if config['init_from'] == 'scratch':
         torch.manual_seed(config['seed'])
-        return LLaMA(ModelConfig(**config['model_config'])).to(device)
-    return LLaMA.from_pretrained(config['init_from']).to(device)
+        return LLaMA(ModelConfig(**config['model_config'])).to(device=device, dtype=dtype)  # init in fp32, then cast
+    return LLaMA.from_pretrained(config['init_from'], dtype).to(device)
 
 
 def load_checkpoint(path):
@@ -110,6 +112,10 @@ def load_run(out_dir, device='cpu'):
         raise ValueError(f"{path} was trained on another base than {ckpt['config']['init_from']} (fingerprint differs)")
     if ckpt['adapters']:
         adapters.load_adapters(model, ckpt['adapters'], {})
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for k, v in ckpt['model'].items():  # what a run trains over a half-precision base is fp32 (train.py): keep it so
+        if k in params and params[k].dtype != v.dtype:
+            params[k].data = params[k].data.to(v.dtype)
     missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
     # the base supplies every other tensor; adapter tensors must all come from the checkpoint
     lacking = [k for k in missing if k in adapters.adapter_state_dict(model)]
