@@ -183,9 +183,12 @@ if __name__ == '__main__':
     except (FileNotFoundError, ValueError) as e:
         die(e)
     bs = batch_size or run['batch_size']
-    loss = estimate_loss(model, ds, split, bs, run['block_size'], eval_iters, device)
+    # a half-precision base runs under autocast in its dtype (what the run trained over it is fp32: train.py)
+    half = run.get('base_dtype', 'float32') != 'float32'
+    ctx = torch.autocast(device.split(':')[0], getattr(torch, run['base_dtype'])) if half else nullcontext()
+    loss = estimate_loss(model, ds, split, bs, run['block_size'], eval_iters, device, ctx)
     print(f"{out_dir} @ iter {ckpt['iter_num']}: {split} loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})")
     pairs = memory_pairs(ds, char_acc_pairs)
     if pairs:
-        acc = char_accuracy(model, load_tokenizer(ds.tokenizer), pairs, device)
+        acc = char_accuracy(model, load_tokenizer(ds.tokenizer), pairs, device, ctx)
         print(f"char_acc {100 * acc:.1f}% over {len(pairs)} pairs")

@@ -92,7 +92,7 @@ dtype = 'auto'  # float32 | bfloat16 | float16 (autocast; weights stay fp32) | a
 compile = None  # torch.compile the model (None = on for CUDA, off on CPU)
 base_dtype = 'auto'  # frozen base weights: float32 | bfloat16 | float16 | auto (bf16 for adapter modes on CUDA, else fp32)
 grad_checkpoint = False  # recompute each transformer block in backward: keep only block inputs (~1/3 more compute)
-loss_chunk = 1024  # training CE over chunks of this many tokens: no (batch, block, vocab) logits (0 = all at once)
+loss_chunk = 512  # training CE over chunks of this many tokens: no (batch, block, vocab) logits (0 = all at once)
 seed = 1337  # model init, adapters, dropout, data order
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:], __file__)
