@@ -16,7 +16,8 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
     python bench.py --what step --compile # (b) with torch.compile (~15 min on 2 CPU cores, mostly compiling)
     python bench.py --what modes          # (c), ~25 min on 2 CPU cores; --device=cuda on a GPU
     python bench.py --what ops            # (d), ~15 s
-    python bench.py --what memory         # (e), ~10 min on 2 CPU cores; needs data/smollm2/prepare.py and
+    python bench.py --what memory         # (e), 13 rows, 3-10 min each on 2 busy cores (--rows=0,3: today's step, the
+                                          # issue's); needs data/smollm2/prepare.py and
                                           # data/text/prepare.py --tokenizer=data/smollm2/SmolLM2-135M-Instruct
 """
 import argparse

@@ -28,7 +28,8 @@ def configure(globals_: dict, argv: list[str], source_file: str, keys: list[str]
     comments = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
                 if t.type == tokenize.COMMENT}
     body = [n for top in ast.parse(src).body for n in (top.body if isinstance(top, ast.If) else [top])]  # + __main__
-    lines = {n.targets[0].id: n.end_lineno for n in body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
+    assigns = [(n.targets[0].id, n.end_lineno) for n in body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)]
+    lines = {k: dict(assigns[::-1])[k] for k in dict(assigns)}  # each key at its first assignment (default + comment)
     keys = keys or [k for k in lines if k in globals_ and not k.startswith("_") and not k.isupper()  # UPPER = constant
                     and isinstance(globals_[k], SIMPLE)]
     defaults = {k: globals_[k] for k in keys}

@@ -103,3 +103,13 @@ def test_keys_under_main_guard(tmp_path):
     assert p.returncode == 0 and ast.literal_eval(p.stdout) == {"split": "val", "eval_iters": 5}, p.stderr
     p = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
     assert "--split='val'  # which split" in p.stdout and "UUID_LEN" not in p.stdout
+
+
+def test_help_keeps_the_comment_of_a_key_resolved_later(tmp_path):
+    """train.py resolves keys after configure (dtype = ... if dtype == 'auto'): --help shows the first assignment."""
+    script = tmp_path / "resolve_stub.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nfrom configurator import configure\n"
+                      "dtype = 'auto'  # autocast dtype\nseed = 1  # seed\nconfigure(globals(), sys.argv[1:], __file__)\n"
+                      "if dtype == 'auto':\n    dtype = 'float32'\n")
+    p = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert p.stdout.splitlines()[2:] == ["  --dtype='auto'  # autocast dtype", "  --seed=1  # seed"], p.stdout
