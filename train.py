@@ -88,7 +88,7 @@ lr_decay_iters = 0  # steps over which LR decays (0 = max_iters)
 min_lr = 0.0  # LR at the end of decay (0 = learning_rate / 10)
 # system
 device = 'auto'  # 'cpu' | 'cuda' | 'cuda:1' | 'auto'
-dtype = 'auto'  # float32 | bfloat16 | float16 (autocast; weights stay fp32) | auto
+dtype = 'auto'  # float32 | bfloat16 | float16 (autocast; trained weights stay fp32) | auto
 compile = None  # torch.compile the model (None = on for CUDA, off on CPU)
 base_dtype = 'auto'  # frozen base weights: float32 | bfloat16 | float16 | auto (bf16 for adapter modes on CUDA, else fp32)
 grad_checkpoint = False  # recompute each transformer block in backward: keep only block inputs (~1/3 more compute)
