@@ -383,7 +383,10 @@ class LoRA(_Adapter):
 
     def forward(self, x):
         scale = self.scale if self.gate is None else self.scale * self.gate
-        return lora_forward(self.dropout(x), self.A, self.B, scale)
+        if torch.is_autocast_enabled(x.device.type):  # autocast casts x, A and B to its dtype itself
+            return lora_forward(self.dropout(x), self.A, self.B, scale)
+        # a half-precision base without autocast: the branch runs in A's dtype (fp32), its output in x's (as PEFT)
+        return lora_forward(self.dropout(x).to(self.A.dtype), self.A, self.B, scale).to(x.dtype)
 
 
 class MoRA(_Adapter):
@@ -414,7 +417,8 @@ def _adapted(model):
 def _attach_one(lin, s, dropout):
     if (s["in_features"], s["out_features"]) != (lin.in_features, lin.out_features):
         raise ValueError(f"adapter settings {s} do not fit a {lin.in_features}->{lin.out_features} layer")
-    kw = dict(dropout=dropout, device=lin.weight.device, dtype=lin.weight.dtype)
+    # adapters train in fp32 over a bf16/fp16 base (their AdamW state too); fp64 stays fp64
+    kw = dict(dropout=dropout, device=lin.weight.device, dtype=_merge_dtype(lin.weight.dtype))
     if s["method"] == "mora":
         lin.adapter = MoRA(s["in_features"], s["out_features"], s["r_hat"], s["kind"], r=s["r"], **kw)
     else:

@@ -9,7 +9,10 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
       `python data/text/prepare.py`), compile off and on: tok/s of the last log interval, peak RSS of the process.
   (d) ops: aten ops (kernels, views excluded) per training step of a SmolLM2-shaped model under bf16 autocast, per
       mode: on a GPU an eager step of a model this small costs about its number of kernel launches.
-  (e) gpu_tier: the one-GPU session of MoRA Table 2 in one command (issue 18): the memory_gpu_* runs in priority
+  (e) memory: peak memory of one training step (fwd + bwd + AdamW) of SmolLM2-135M at 1 x 2048 tokens per mode and
+      option (autocast dtype, base_dtype, grad_checkpoint, loss_chunk), each in a fresh process (peak RSS on the
+      CPU, max_memory_allocated on CUDA), and the activation bytes autograd saves per token.
+  (f) gpu_tier: the one-GPU session of MoRA Table 2 in one command (issue 18): the memory_gpu_* runs in priority
       order, --parallel at a time on one GPU, compiled, to 800 steps or until --table_s runs out (then SIGINT: they
       save and stop, the step each reached is kept), metrics + config copied to assets/memory_gpu/<run>/; then the
       speed of every mode, one run at a time, compiled, bf16, until --speed_s runs out: tok/s, MFU, graph breaks
@@ -19,23 +22,29 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
     python bench.py --what step --compile # (b) with torch.compile (~15 min on 2 CPU cores, mostly compiling)
     python bench.py --what modes          # (c), ~25 min on 2 CPU cores; --device=cuda on a GPU
     python bench.py --what ops            # (d), ~15 s
-    python bench.py --what gpu_tier --device=cuda   # (e), after data/smollm2/prepare.py and
+    python bench.py --what memory         # (e), 13 rows, 3-10 min each on 2 busy cores (--rows=0,3: today's step, the
+                                          # issue's); needs data/smollm2/prepare.py and
+                                          # data/text/prepare.py --tokenizer=data/smollm2/SmolLM2-135M-Instruct
+    python bench.py --what gpu_tier --device=cuda   # (f), after data/smollm2/prepare.py and
                                                     # data/memory/prepare.py --n_pairs=1000; ~9 min of one GPU
-    python bench.py --what gpu_tier --dry_run       # (e) on the CPU, tiny model, ~1-2 min
+    python bench.py --what gpu_tier --dry_run       # (f) on the CPU, tiny model, ~1-2 min
 """
-import re
-import shutil
-import signal
 import argparse
 import json
 import os
+import re
+import resource
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
+from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -230,7 +239,99 @@ def bench_ops(args):
         print(f"{name:>14} {ops.n:>6}{extra}")
 
 
-# (e) MoRA Table 2 on one GPU, in priority order (issue 18): r8 at two LRs each (rope's first Adam step moves dW
+def peak_bytes(device):
+    """Peak memory of this process so far: CUDA tensors, or peak RSS (Linux ru_maxrss is KiB)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class SavedBytes(saved_tensors_hooks):
+    """Counts the bytes of the activations autograd saves for backward: tensors with a dimension of T tokens (weights
+    and autocast's weight copies have none), each storage once, the model's own tensors (RoPE tables) excluded.
+    With torch.utils.checkpoint only its inputs are saved (block inputs, the loss's hidden states), and counted."""
+
+    def __init__(self, T, model):
+        self.total, seen = 0, {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if T in t.shape and s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                self.total += s.nbytes()
+            return t  # the tensor itself: counting changes nothing that is kept
+        super().__init__(pack, lambda t: t)
+
+
+def memory_step(spec):
+    """(e), in a fresh process: one training step as train.py runs it, then the saved bytes per token, as JSON."""
+    from data import Dataset
+    dev = spec["device"]
+    row = {"baseline": peak_bytes(dev)}  # python + torch, nothing built yet
+    model = LLaMA.from_pretrained(spec["base"], getattr(torch, spec["base_dtype"])).to(dev)
+    model.grad_checkpoint, model.loss_chunk = spec["grad_checkpoint"], spec["loss_chunk"]
+    if spec["mode"] == "full":
+        params = list(model.parameters())
+    else:
+        method = {"xgblora": "booster"}.get(spec["mode"], spec["mode"])
+        params = adapters.attach(model, method, r=8, alpha=16.0 if method == "lora" else 2.0, kind=spec["kind"])
+        if method == "booster":  # one booster: n_layer // 3 blocks gated on, as train.py's default
+            adapters.set_gates_(model, range(model.config.n_layer // 3))
+    for p in params:
+        p.requires_grad_(True)
+    n_param = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    row["loaded"] = peak_bytes(dev)
+    T = spec["tokens"]
+    x, y = (t.to(dev) for t in Dataset(spec["data"]).get_batch("train", 1, T, 1337, 0))
+    ctx = nullcontext() if spec["dtype"] == "float32" else torch.autocast(dev, getattr(torch, spec["dtype"]))
+    saved = SavedBytes(T, model)
+    with ctx, saved:
+        _, loss = model(x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    row.update(peak=peak_bytes(dev), loss=loss.item(), n_param=n_param, n_train=sum(p.numel() for p in params))
+    row["saved_per_token"] = saved.total / T
+    print(json.dumps(row))
+
+
+def bench_memory(args):
+    """(e): each configuration in its own process, so that no peak carries over from the one before."""
+    base = {"mode": "lora", "kind": None, "dtype": "float32", "base_dtype": "float32", "grad_checkpoint": False,
+            "loss_chunk": 0, "device": args.device, "tokens": 2048, "base": "data/smollm2/SmolLM2-135M-Instruct",
+            "data": "data/text/shakespeare_smollm2"}
+    chunk, half = {"loss_chunk": args.loss_chunk}, {"dtype": "bfloat16", "base_dtype": "bfloat16"}
+    ckpt, amp = {"grad_checkpoint": True}, {"dtype": "bfloat16"}  # full fine-tuning: bf16 autocast, fp32 weights
+    runs = [{}, chunk, {**half, **chunk}, {**half, **chunk, **ckpt},  # LoRA r8: today's step, then option by option
+            {"mode": "mora", "kind": "rope", **half, **chunk}, {"mode": "mora", "kind": "rope", **half, **chunk, **ckpt},
+            {"mode": "full", **amp, **chunk}, {"mode": "full", **amp, **chunk, **ckpt},
+            ckpt, amp, half, {"mode": "xgblora", **half, **chunk, **ckpt}, {"mode": "full"}]
+    runs = [runs[int(i)] for i in args.rows.split(",")] if args.rows else runs
+    print(f"\n(e) one training step of SmolLM2-135M at 1 x {base['tokens']} tokens ({base['data']}), {args.device}, "
+          f"r = 8, each in a fresh process; peak = {'max_memory_allocated' if args.device == 'cuda' else 'peak RSS'}, "
+          "baseline = the process before loading the model")
+    print(f"{'mode':>12} {'dtype':>8} {'base':>8} {'ckpt':>5} {'chunk':>5} {'peak MB':>8} {'- baseline':>10} {'/ first':>7} "
+          f"{'loaded MB':>9} {'saved KB/token':>14} {'loss':>7}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    first = None
+    for run in runs:
+        spec = {**base, **run}
+        out = subprocess.run([sys.executable, __file__, "--memory_step", json.dumps(spec)], env=env,
+                             capture_output=True, text=True)
+        if out.returncode:
+            print(f"{spec['mode']} failed:\n{out.stderr[-2000:]}")
+            continue
+        r = json.loads(out.stdout.splitlines()[-1])
+        first = first or r["peak"]
+        name = spec["mode"] + (f" {spec['kind']}" if spec["kind"] else "")
+        print(f"{name:>12} {spec['dtype'][:8]:>8} {spec['base_dtype'][:8]:>8} {spec['grad_checkpoint']!s:>5} "
+              f"{spec['loss_chunk']:>5} {r['peak'] / 2**20:>8.0f} {(r['peak'] - r['baseline']) / 2**20:>10.0f} "
+              f"{r['peak'] / first:>7.2f} {r['loaded'] / 2**20:>9.0f} {r['saved_per_token'] / 1024:>14.1f} "
+              f"{r['loss']:>7.4f}", flush=True)
+
+
+# (f) MoRA Table 2 on one GPU, in priority order (issue 18): r8 at two LRs each (rope's first Adam step moves dW
 # ~sqrt(6) less than share's, so rope also at 3e-3), then the other rows. What the budget leaves out is "not run".
 TABLE2 = [('lora_r8_lr1e-3', 'lora', ['--learning_rate=1e-3']),
           ('mora_share_r8_lr1e-3', 'mora', ['--mora_kind=share', '--learning_rate=1e-3']),
@@ -352,8 +453,11 @@ def bench_gpu_tier(args):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", choices=["merge", "step", "modes", "ops", "gpu_tier", "all"], default="all")
-    ap.add_argument("--device", default="cpu", help="modes only: cpu or cuda")
+    ap.add_argument("--what", choices=["merge", "step", "modes", "ops", "memory", "gpu_tier", "all"], default="all")
+    ap.add_argument("--device", default="cpu", help="modes and memory: cpu or cuda")
+    ap.add_argument("--loss_chunk", type=int, default=512, help="memory: loss_chunk of the chunked rows")
+    ap.add_argument("--rows", default="", help="memory: only these rows of the run list, e.g. 0,3 (default all)")
+    ap.add_argument("--memory_step", default="", help=argparse.SUPPRESS)  # (e)'s worker: one configuration as JSON
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="r=8 only, smaller batch, fewer repeats")
     ap.add_argument("--compile", action="store_true", help="step: torch.compile each model (compiles in warm-up)")
@@ -363,6 +467,9 @@ if __name__ == "__main__":
     ap.add_argument("--dry_run", action="store_true", help="gpu_tier: the orchestration on the CPU, tiny model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_step:
+        memory_step(json.loads(args.memory_step))
+        sys.exit(0)
     print(f"torch {torch.__version__}, {os.cpu_count()} cpus, {args.threads} threads, "
           f"load average at start {os.getloadavg()[0]:.2f} (other processes skew the timings)")
     args.repeats, args.steps = (3, 3) if args.quick else (5, 7)
@@ -376,6 +483,8 @@ if __name__ == "__main__":
         bench_modes(args)
     if args.what == "ops":
         bench_ops(args)
+    if args.what == "memory":
+        bench_memory(args)
     if args.what == "gpu_tier":
         if args.dry_run:
             args.table_s, args.speed_s, args.device = 75, 150, 'cpu'

@@ -92,11 +92,13 @@ def memory_pairs(dataset, n):
 
 def build_model(config, device='cpu'):
     """The base model a run starts from: an HF checkpoint dir or hub id (its local snapshot), or a fresh init
-    (seeded) for init_from='scratch'."""
+    (seeded) for init_from='scratch', in the run's base_dtype (resolved by train.py; runs saved before the key
+    existed are fp32)."""
+    dtype = getattr(torch, config.get('base_dtype', 'float32'))
     if config['init_from'] == 'scratch':
         torch.manual_seed(config['seed'])
-        return LLaMA(ModelConfig(**config['model_config'])).to(device)
-    return LLaMA.from_pretrained(checkpoint_dir(config['init_from'])).to(device)
+        return LLaMA(ModelConfig(**config['model_config'])).to(device=device, dtype=dtype)  # init in fp32, then cast
+    return LLaMA.from_pretrained(checkpoint_dir(config['init_from']), dtype).to(device)
 
 
 def load_checkpoint(path):
@@ -125,6 +127,10 @@ def load_run(out_dir, device='cpu'):
         raise ValueError(f"{path} was trained on another base than {ckpt['config']['init_from']} (fingerprint differs)")
     if ckpt['adapters']:
         adapters.load_adapters(model, ckpt['adapters'], {})
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for k, v in ckpt['model'].items():  # what a run trains over a half-precision base is fp32 (train.py): keep it so
+        if k in params and params[k].dtype != v.dtype:
+            params[k].data = params[k].data.to(v.dtype)
     missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
     # the base supplies every other tensor; adapter tensors must all come from the checkpoint
     lacking = [k for k in missing if k in adapters.adapter_state_dict(model)]
@@ -202,8 +208,11 @@ if __name__ == '__main__':
     except (OSError, ValueError, ImportError) as e:  # OSError: offline hub/tiktoken; ImportError: a tokenizer's package
         die(e)
     bs = batch_size or run['batch_size']
-    loss = estimate_loss(model, ds, split, bs, run['block_size'], eval_iters, device)
+    # a half-precision base runs under autocast in its dtype (what the run trained over it is fp32: train.py)
+    half = run.get('base_dtype', 'float32') != 'float32'
+    ctx = torch.autocast(device.split(':')[0], getattr(torch, run['base_dtype'])) if half else nullcontext()
+    loss = estimate_loss(model, ds, split, bs, run['block_size'], eval_iters, device, ctx)
     print(f"{out_dir} @ iter {ckpt['iter_num']}: {split} loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})")
     if pairs:
-        acc = char_accuracy(model, tok, pairs, device)
+        acc = char_accuracy(model, tok, pairs, device, ctx)
         print(f"char_acc {100 * acc:.1f}% over {len(pairs)} pairs")

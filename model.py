@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -156,6 +157,8 @@ class LLaMA(nn.Module):
         cos, sin = rope_tables(config)  # built once here; not in the state dict
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        # training memory (train.py sets them): recompute each block in backward; loss over chunks of loss_chunk rows
+        self.grad_checkpoint, self.loss_chunk = False, 0
         self.init_weights()
 
     @torch.no_grad()
@@ -177,7 +180,8 @@ class LLaMA(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std_res if is_res else 0.02)
 
     def forward(self, idx, targets=None, cache=None, pos=0, pad=None):
-        """idx (B, T) -> logits (B, T, vocab) float, loss (mean CE over targets != -100) or None.
+        """idx (B, T) -> logits (B, T, vocab) float, loss (mean CE over targets != -100) or None; with targets and
+        loss_chunk > 0: (None, loss) from chunked_cross_entropy (training: no (B, T, vocab) logits at all).
         cache: per-layer (k, v) buffers from new_cache() (generate only); pos: position of idx[:, 0];
         pad: None, or (B,) counts of left-padding tokens: row b's real tokens get positions index - pad[b]."""
         B, T = idx.shape
@@ -191,10 +195,16 @@ class LLaMA(nn.Module):
             mask = ((j <= q) & ((j >= pad[:, None, None]) | (j == q))).unsqueeze(1)  # (B, 1, T, pos + T)
         x = self.embed_tokens(idx)  # (B, T, C)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, None if cache is None else cache[i], pos, mask)
+            if recompute:  # keep only the block's input; backward reruns it (same dropout masks: RNG state restored)
+                x = checkpoint(block, x, cos, sin, None, pos, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, None if cache is None else cache[i], pos, mask)
         if cache is not None:
             x = x[:, -1:]  # decoding needs only the last position's logits: skip the head on the prompt
+        if targets is not None and self.loss_chunk:
+            return None, chunked_cross_entropy(self.norm(x), self.lm_head.weight, targets, self.loss_chunk)
         logits = self.lm_head(self.norm(x)).float()  # (B, T, vocab), (B, 1, vocab) with a cache
         loss = None
         if targets is not None:
@@ -296,6 +306,20 @@ class LLaMA(nn.Module):
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config_to_hf(c, dtype), f, indent=2)
         save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def _ce_sum(h, weight, targets):
+    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100, reduction="sum")
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean CE over targets != -100 of logits = h @ weightᵀ, `chunk` rows at a time; each chunk's logits are
+    recomputed in backward (torch.utils.checkpoint), so at most one (chunk, vocab) block of logits and its grad
+    lives at once instead of (B·T, vocab). Same value as F.cross_entropy on the full logits, to fp32 round-off."""
+    h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
+    total = sum(checkpoint(_ce_sum, h[i:i + chunk], weight, targets[i:i + chunk], use_reentrant=False)
+                for i in range(0, targets.numel(), chunk))
+    return total / (targets != -100).sum()
 
 
 def config_from_hf(hf: dict) -> ModelConfig:

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -94,8 +95,11 @@ lr_decay_iters = 0  # steps over which LR decays (0 = max_iters)
 min_lr = 0.0  # LR at the end of decay (0 = learning_rate / 10)
 # system
 device = 'auto'  # 'cpu' | 'cuda' | 'cuda:1' | 'auto'
-dtype = 'auto'  # float32 | bfloat16 | float16 (autocast; weights stay fp32) | auto
+dtype = 'auto'  # float32 | bfloat16 | float16 (autocast; trained weights stay fp32) | auto
 compile: bool | None = None  # torch.compile the model (None = on for CUDA, off on CPU)
+base_dtype = 'auto'  # frozen base weights: float32 | bfloat16 | float16 | auto (bf16 for adapter modes on CUDA, else fp32)
+grad_checkpoint = False  # recompute each transformer block in backward: keep only block inputs (~1/3 more compute)
+loss_chunk = 512  # training CE over chunks of this many tokens: no (batch, block, vocab) logits (0 = all at once)
 seed = 1337  # model init, adapters, dropout, data order
 parallel = 'ddp'  # under torchrun: 'ddp' replicates the model, 'fsdp' shards weights, grads and AdamW state (FSDP2)
 # -----------------------------------------------------------------------------
@@ -119,7 +123,7 @@ def setup(fn, *args, **kwargs):  # a setup step: expected failures (missing file
 CHOICES = {'mode': MODES, 'mora_kind': ('auto', *adapters.KINDS), 'remora_cycle': tuple(adapters.CYCLES),
            'optimizer_reset': ('clear', 'prune'), 'lr_envelope': ('jagged', 'rewarm'),
            'decay_lr': ('cosine', 'linear', 'constant'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16'),
-           'parallel': ('ddp', 'fsdp')}
+           'parallel': ('ddp', 'fsdp'), 'base_dtype': ('auto', 'float32', 'bfloat16', 'float16')}
 POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
             'eval_iters', 'booster_steps', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size')
 for k, v in config.items():
@@ -166,6 +170,14 @@ device_type = 'cuda' if 'cuda' in device else 'cpu'
 if dtype == 'auto':
     dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
 compile = device_type == 'cuda' if compile is None else compile
+if base_dtype == 'auto':  # half only where every base weight stays frozen (full and warm_start train them)
+    half_ok = device_type == 'cuda' and mode != 'full' and not warm_start and torch.cuda.is_bf16_supported()
+    base_dtype = 'bfloat16' if half_ok else 'float32'
+if base_dtype != 'float32' and (mode == 'full' or warm_start):
+    die(f"base_dtype={base_dtype!r} stores the frozen base in half precision, but "
+        + ("mode='full'" if mode == 'full' else f"warm_start={warm_start}") + " trains the base weights, which keep "
+        "fp32 master weights: use base_dtype='float32' (or 'auto'; dtype= sets the autocast precision)")
+config['base_dtype'] = base_dtype  # resolved: the base is built, fingerprinted and resumed in this dtype
 if gradient_accumulation_steps % world:
     die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the process count {world}")
 grad_accum = gradient_accumulation_steps // world
@@ -192,6 +204,7 @@ if init_from == 'scratch':
         n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, rope_theta=rope_theta,
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
 model = setup(build_model, config, 'cpu' if sharded else device)  # sharded: each rank moves only its shards
+model.grad_checkpoint, model.loss_chunk = grad_checkpoint, loss_chunk  # read by model.forward in training
 if tok.n_vocab > model.config.vocab_size:
     die(f"tokenizer {tok.spec!r} has {tok.n_vocab} tokens > model vocab_size {model.config.vocab_size} (tokenizer='': the base's)")
 setup(ds.check, model.config.vocab_size, block_size, tok.spec)
@@ -220,6 +233,11 @@ if mode == 'full' or (method and (train_rest or (train_rest is None and init_fro
     for p in (model.parameters() if mode == 'full' else rest):
         p.requires_grad_(True)
 rest_params = [p for p in rest if p.requires_grad and mode != 'full']
+if rest_params and base_dtype != 'float32' and dtype == 'float32':  # fp32 embeddings feeding half weights: mixed
+    die(f"base_dtype={base_dtype!r} with trained embeddings, norms and head (train_rest, or init_from='scratch') "
+        f"needs autocast: set dtype='bfloat16' or 'float16', or train_rest=False, or base_dtype='float32'")
+for p in rest_params:  # trained over a half-precision base: fp32 weights (and fp32 AdamW state) all the same
+    p.data = p.data.float()
 adapted_weights = [m.weight for m in model.modules() if getattr(m, 'adapter', None) is not None]
 trainable = [p for p in model.parameters() if p.requires_grad] + (adapted_weights if warm_start else [])
 
@@ -532,11 +550,15 @@ while True:
         dt = (time.time() - t_log - t_eval) / log_interval  # .item() above waited for the device
         t_log, t_eval = time.time(), 0.0
         eta = dt * (max_iters - iter_num)
-        row = {'iter': iter_num, 'loss': loss_val, 'lr': lr, 'ms': 1000 * dt, 'tok_s': tokens_per_iter / dt}
+        # peak memory so far: CUDA tensors, or the process's peak RSS on the CPU (ru_maxrss is KiB on Linux)
+        mem = torch.cuda.max_memory_allocated(device) if device_type == 'cuda' else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
+        row = {'iter': iter_num, 'loss': loss_val, 'lr': lr, 'ms': 1000 * dt, 'tok_s': tokens_per_iter / dt,
+               'mem_mb': mem / 2**20}
         if peak:
             row['mfu'] = flops_per_iter / dt / peak
         log(f"iter {iter_num} | loss {loss_val:.4f} | lr {lr:.1e} | {1000 * dt:.1f} ms | {row['tok_s'] / 1e3:.1f}k tok/s"
-            + (f" | mfu {100 * row['mfu']:.1f}%" if peak else '') + f" | eta {eta / 60:.1f}m")
+            + (f" | mfu {100 * row['mfu']:.1f}%" if peak else '') + f" | mem {row['mem_mb']:.0f} MB | eta {eta / 60:.1f}m")
         write_metrics(row)
 
 if stop:

@@ -4,7 +4,6 @@ awkward shapes, zero-init identity, adapter == merged, param-count formulas, ran
 and the in-place helpers (reinit_, switch_kind_, set_gates_, load_adapters).
     python -m pytest -q tests/test_adapters.py
 """
-import math
 import os
 
 import pytest
@@ -274,9 +273,31 @@ def test_merge_bf16_goes_through_fp32():
     randomize_(model)
     q = model.layers[0].self_attn.q_proj
     expected = (q.weight.float() + q.adapter.delta()).to(torch.bfloat16)  # delta() defaults to fp32
-    assert q.adapter.delta().dtype == torch.float32 and q.adapter.A.dtype == torch.bfloat16
+    assert q.adapter.delta().dtype == torch.float32 and q.adapter.A.dtype == torch.float32  # adapters train in fp32
     A.merge_(model)
     assert torch.equal(q.weight, expected)
+
+
+@pytest.mark.parametrize("method,kind", [("lora", None), ("mora", "rope"), ("mora", "share"), ("booster", None)])
+def test_fp32_adapters_on_a_bf16_base_without_autocast(method, kind):
+    """A bf16 base, no autocast (CPU): fp32 adapter tensors, the branch computed in fp32 and added in bf16, fp32
+    grads; the output equals the bf16 base plus the fp32 branch rounded once."""
+    model = tiny_model(dtype=torch.bfloat16)
+    params = A.attach(model, method, r=4, kind=kind)
+    randomize_(model)
+    if method == "booster":
+        A.set_gates_(model, range(CFG.n_layer))
+    assert {p.dtype for p in params} == {torch.float32}
+    q = model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, CFG.n_embd).to(torch.bfloat16)
+    branch = q.adapter(x)
+    assert branch.dtype == torch.bfloat16
+    ref = (q.adapter.delta() @ x.float().reshape(-1, CFG.n_embd).T).T.reshape(2, 5, -1)
+    assert rel_err(branch.float(), ref) < 1e-2  # the fp32 branch, rounded to bf16 once
+    idx = torch.randint(0, CFG.vocab_size, (2, 8))
+    logits, loss = model(idx, idx)
+    loss.backward()
+    assert logits.dtype == torch.float32 and all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
 
 
 def test_param_counts():

@@ -126,3 +126,13 @@ def test_annotated_none_default_checks_its_types(tmp_path):
     p = run(str(tmp_path / "cfg.py"))
     assert_one_line_error(p.returncode, p.stderr, "'compile' expects bool | None")
     assert "--compile=None  # compile (None = auto)" in run("--help").stdout
+
+
+def test_help_keeps_the_comment_of_a_key_resolved_later(tmp_path):
+    """train.py resolves keys after configure (dtype = ... if dtype == 'auto'): --help shows the first assignment."""
+    script = tmp_path / "resolve_stub.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nfrom configurator import configure\n"
+                      "dtype = 'auto'  # autocast dtype\nseed = 1  # seed\nconfigure(globals(), sys.argv[1:], __file__)\n"
+                      "if dtype == 'auto':\n    dtype = 'float32'\n")
+    p = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert p.stdout.splitlines()[2:] == ["  --dtype='auto'  # autocast dtype", "  --seed=1  # seed"], p.stdout

@@ -1,6 +1,5 @@
 """merge.py and eval.py: merged weights reproduce the adapter model for every mode, PEFT export, char accuracy."""
 import json
-import os
 import subprocess
 import sys
 

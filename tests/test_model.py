@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+import model as model_py
 from model import LLaMA, Linear, ModelConfig
 
 # tiny HF configs: (name, LlamaConfig kwargs)
@@ -277,3 +278,34 @@ def test_compile_fullgraph():
     assert torch.allclose(logits, ref_logits, atol=1e-5)
     explain = torch._dynamo.explain(model)(idx, idx)
     assert explain.graph_break_count == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 100])
+def test_chunked_cross_entropy_equals_full_logits(chunk):
+    """Loss and gradients (hidden states and head) as F.cross_entropy over the whole (B*T, vocab) logits, to fp32
+    round-off, with ignored targets (a whole chunk of them included) and a chunk that does not divide B*T."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 10, 16, generator=g, requires_grad=True)
+    w = torch.randn(97, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 97, (3, 10), generator=g)
+    targets[0, :8] = -100
+    targets[2, 3] = -100
+    ref = torch.nn.functional.cross_entropy((h @ w.T).view(-1, 97), targets.view(-1), ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    loss = model_py.chunked_cross_entropy(h, w, targets, chunk)
+    grads = torch.autograd.grad(loss, (h, w))
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_chunk_forward_has_no_logits_and_the_same_loss():
+    model = random_model()
+    idx = torch.randint(0, 97, (2, 10))
+    targets = idx.roll(-1, dims=1)
+    targets[:, :3] = -100
+    ref_logits, ref = model(idx, targets)
+    model.loss_chunk = 8
+    logits, loss = model(idx, targets)
+    assert logits is None and torch.allclose(loss, ref, rtol=1e-6)
+    assert torch.equal(model(idx)[0], ref_logits)  # without targets: logits as ever (eval, generate)
