@@ -218,7 +218,8 @@ def test_text_and_alpaca_data_and_a_run_from_scratch(mistral, tmp_path):
     assert g['init_from'] == 'scratch' and g['model_config']['vocab_size'] == 32000
     assert (g['model_config']['bos_token_id'], g['model_config']['eos_token_id']) == (1, 2)
     merge.merge_run(tmp_path / 'run', tmp_path / 'merged')
-    assert sorted(os.listdir(tmp_path / 'merged')) == ['config.json', 'model.safetensors', 'tokenizer.model']
+    assert sorted(os.listdir(tmp_path / 'merged')) == ['config.json', 'generation_config.json', 'model.safetensors',
+                                                       'tokenizer.model']  # generation config: from the model's
     transformers = pytest.importorskip('transformers')
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / 'merged')
     for d in docs + [PROSE]:
