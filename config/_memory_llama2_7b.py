@@ -3,7 +3,7 @@
 # Data: $ python data/memory/prepare.py --n_pairs=10000 --tokenizer=meta-llama/Llama-2-7b-hf
 # Paper setting: 10,000 pairs, all seven projections, ~1,000 steps of ~1,000 pairs, warmup 100.
 # tokens per step: 32 pairs x 80 positions x 32 micro-steps = 81,920 (1,024 pairs); 1,000 steps = ~100 epochs.
-# Memory: the commands add --base_dtype=bfloat16 --grad_checkpoint=True (frozen base in bf16, checkpointed blocks).
+# Memory: on a GPU base_dtype='auto' keeps the frozen base in bf16; blocks are checkpointed (grad_checkpoint).
 init_from = 'meta-llama/Llama-2-7b-hf'
 dataset = 'memory/llama_n10000_s1337'
 batch_size = 32
@@ -17,3 +17,4 @@ log_interval = 10
 eval_iters = 32  # 32 batches of 32: the first 1,024 pairs
 char_acc_pairs = 1000  # greedy-decode the first 1,000 pairs at each eval (a fixed sample, SPEC 5.1)
 r = 8
+grad_checkpoint = True  # with the bf16 base: LoRA/MoRA r8 on a 7B fit one 24 GB GPU (README, what fits where)
