@@ -528,7 +528,8 @@ while True:
             adapters.switch_kind_(raw_model, kind)
         reset_state(adapter_params)  # and LR drops to 0 and re-warms: get_lr knows
         log(f"restart at {iter_num}: merged {len(adapted_weights)} layers, adapters re-initialised"
-            + (f", next kind {kind}" if mode == 'remora' else '') + f", optimizer state {optimizer_reset}ed")
+            + (f", next kind {kind}" if mode == 'remora' else '')
+            + f", optimizer state {'cleared' if optimizer_reset == 'clear' else 'pruned'}")
     if method == 'booster' and iter_num % booster_steps == 0:
         fsdp.merge_(raw_model, alpha=booster_alpha)  # only gated-on boosters carry a dW
         fsdp.reinit_(raw_model, reinit_generator(iter_num))
