@@ -80,6 +80,12 @@ def char_accuracy(model, tokenizer, pairs, device, ctx=nullcontext(), batch_size
     return sum(scores) / max(len(scores), 1)
 
 
+def device_error(device):
+    """Why eval.py / sample.py cannot run on device, or None: 'cpu', or 'cuda' / 'cuda:<index>' with a GPU."""
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', device) or ('cuda' in device and not torch.cuda.is_available()):
+        return f"device={device!r}: use cpu, or cuda / cuda:<index> where torch sees a GPU"
+
+
 def memory_pairs(dataset, n):
     """The first n pairs of a memory dataset (all when n < 0); [] for other datasets."""
     path = os.path.join(dataset.path, 'pairs.json')
@@ -196,8 +202,8 @@ if __name__ == '__main__':
         except (ImportError, FileNotFoundError) as e:
             die(e)
         sys.exit(0)
-    if not re.fullmatch(r'cpu|cuda(:\d+)?', device) or ('cuda' in device and not torch.cuda.is_available()):
-        die(f"device={device!r}: use cpu, or cuda / cuda:<index> where torch sees a GPU")
+    if error := device_error(device):
+        die(error)
     try:  # the expected failures of a missing or mismatched run, base or dataset; anything else keeps its traceback
         model, ckpt = load_run(out_dir, device)
         run = ckpt['config']

@@ -47,10 +47,11 @@ def merge_run(out_dir, merged_dir):
     # the run's tokenizer travels with the weights (a dir or hub id: the base's own, or --tokenizer=<dir> from
     # scratch), and the base's generation settings; 'byte' and tiktoken names have no files
     config = ckpt['config']
-    copies = [(checkpoint_dir(config['tokenizer']), name) for name in TOKENIZER_FILES]
-    if config['init_from'] != 'scratch':
-        copies.append((checkpoint_dir(config['init_from']), 'generation_config.json'))
-    for src, name in copies:
+    copies = {name: checkpoint_dir(config['tokenizer']) for name in TOKENIZER_FILES}  # file name -> source dir
+    base_dir = None if config['init_from'] == 'scratch' else checkpoint_dir(config['init_from'])
+    if base_dir and os.path.isfile(os.path.join(base_dir, 'generation_config.json')):  # the base's, if it has one
+        copies['generation_config.json'] = base_dir
+    for name, src in copies.items():
         if os.path.isdir(src) and os.path.isfile(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), merged_dir)
     gen = os.path.join(merged_dir, 'generation_config.json')

@@ -7,38 +7,14 @@ $ python sample.py --init_from=out/memory_mora/merged --prompt=FILE:prompt.txt  
 $ python sample.py --init_from=data/smollm2/SmolLM2-135M-Instruct --chat=True --prompt="What is the capital of France?"
 $ python sample.py --out_dir=out/x --temperature=0.8 --top_k=200 --num_samples=3 --seed=1
 """
-import json
 import os
-import re
 import sys
 
 import torch
 
-from eval import load_run
+from eval import device_error, load_run
 from model import LLaMA
-from tokenizer import checkpoint_dir, load_tokenizer
-
-
-def render_chat(tok_dir, text):
-    """text as one user message in tok_dir's chat template, rendered as transformers' apply_chat_template does
-    (sandboxed jinja2, trim/lstrip blocks, add_generation_prompt=True) -> (prompt text, special-token text -> id)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment  # only --chat=True needs jinja2 (torch brings it)
-    path = os.path.join(tok_dir, 'tokenizer_config.json')
-    cfg = json.load(open(path, encoding='utf-8')) if os.path.isfile(path) else {}
-    template = cfg.get('chat_template')
-    if os.path.isfile(os.path.join(tok_dir, 'chat_template.jinja')):  # newer transformers save it beside the config
-        template = open(os.path.join(tok_dir, 'chat_template.jinja'), encoding='utf-8').read()
-    if isinstance(template, list):  # a list of named templates: the default one
-        template = {t['name']: t['template'] for t in template}.get('default')
-    if not template:
-        raise ValueError(f"--chat=True but {tok_dir} has no chat template (tokenizer_config.json chat_template)")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=['jinja2.ext.loopcontrols'])
-    env.globals['raise_exception'] = lambda msg: (_ for _ in ()).throw(ValueError(f"chat template: {msg}"))
-    tokens = {k: (v['content'] if isinstance(v, dict) else v) for k, v in cfg.items()
-              if k in ('bos_token', 'eos_token', 'pad_token', 'unk_token')}
-    specials = {v['content']: int(i) for i, v in cfg.get('added_tokens_decoder', {}).items()}
-    return env.from_string(template).render(messages=[{'role': 'user', 'content': text}], add_generation_prompt=True,
-                                            **tokens), specials
+from tokenizer import chat_renderer, checkpoint_dir, encode_with_specials, load_tokenizer
 
 
 def prompt_ids(tok, text, chat=False):
@@ -46,14 +22,10 @@ def prompt_ids(tok, text, chat=False):
     with chat=True the checkpoint's chat template instead, which brings its own start markers (no BOS added)."""
     if not chat:
         return ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(text)
-    if not os.path.isdir(tok.spec):
+    if not os.path.isdir(checkpoint_dir(tok.spec)):
         raise ValueError(f"--chat=True needs an HF tokenizer dir with a chat template, not tokenizer {tok.spec!r}")
-    text, specials = render_chat(tok.spec, text)
-    if not specials:
-        return tok.encode(text)
-    # encode() spells special-token text out as plain text: split the specials out first, as HF tokenizers do
-    parts = re.split('(' + '|'.join(map(re.escape, sorted(specials, key=len, reverse=True))) + ')', text)
-    return [i for p in parts if p for i in ([specials[p]] if p in specials else tok.encode(p))]
+    render, specials = chat_renderer(tok.spec)
+    return encode_with_specials(tok, render(text), specials)
 
 
 @torch.no_grad()
@@ -82,8 +54,8 @@ if __name__ == '__main__':
     # -----------------------------------------------------------------------------
     configure(globals(), sys.argv[1:], __file__)
     dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device  # resolved after overrides
-    if not re.fullmatch(r'cpu|cuda(:\d+)?', dev) or ('cuda' in dev and not torch.cuda.is_available()):
-        die(f"device={device!r}: use cpu, or cuda / cuda:<index> where torch sees a GPU")
+    if error := device_error(dev):
+        die(error)
     if temperature < 0 or top_k < 0 or num_samples < 1 or max_new_tokens < 1:
         die("temperature and top_k must be >= 0, num_samples and max_new_tokens >= 1")
     try:  # the expected failures of a missing run, dir, tokenizer, template or prompt file

@@ -270,3 +270,37 @@ def _from_sentencepiece(path: str) -> Tokenizer:
     bos = sp.bos_id() if bos is None and sp.bos_id() >= 0 else bos
     eos = sp.eos_id() if eos is None and sp.eos_id() >= 0 else eos
     return SentencePieceTokenizer(path, sp, bos, eos)
+
+
+def chat_renderer(tok_dir: str):
+    """(render(user text) -> prompt text, special-token text -> id) from a checkpoint dir's (or hub id's) chat
+    template, rendered as transformers' apply_chat_template does: sandboxed jinja2, trim/lstrip blocks, one user
+    message, add_generation_prompt=True. sample.py --chat and data/alpaca/prepare.py --chat_template use it."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # only chat templates need jinja2 (torch brings it)
+    tok_dir = checkpoint_dir(tok_dir)
+    path = os.path.join(tok_dir, "tokenizer_config.json")
+    cfg = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+    template = cfg.get("chat_template")
+    if os.path.isfile(os.path.join(tok_dir, "chat_template.jinja")):  # newer transformers save it beside the config
+        template = open(os.path.join(tok_dir, "chat_template.jinja"), encoding="utf-8").read()
+    if isinstance(template, list):  # a list of named templates: the default one
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    if not template:
+        raise ValueError(f"{tok_dir} has no chat template (tokenizer_config.json chat_template)")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(f"chat template: {msg}"))
+    compiled = env.from_string(template)
+    tokens = {k: (v["content"] if isinstance(v, dict) else v) for k, v in cfg.items()
+              if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    specials = {v["content"]: int(i) for i, v in cfg.get("added_tokens_decoder", {}).items()}
+    render = lambda text: compiled.render(messages=[{"role": "user", "content": text}],  # noqa: E731
+                                          add_generation_prompt=True, **tokens)
+    return render, specials
+
+
+def encode_with_specials(tok: Tokenizer, text: str, specials: dict) -> list[int]:
+    """encode() spells special-token text out as plain text: split the specials out first, as HF tokenizers do."""
+    if not specials:
+        return tok.encode(text)
+    parts = re.split("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")", text)
+    return [i for p in parts if p for i in ([specials[p]] if p in specials else tok.encode(p))]

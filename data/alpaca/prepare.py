@@ -8,13 +8,13 @@ Example = [BOS] + prompt + response + [EOS]; prompt and response are tokenized s
 exactly where generation starts. With --chat_template the template supplies its start markers (no BOS added) and its
 special-token strings (<|im_start|>) become their ids. prompts.json: val prompts (text, ids for generate) + references.
 """
-import argparse, json, os, random, re, socket, sys
+import argparse, json, os, random, socket, sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)  # `data` and `tokenizer` live at the repo root
 from data import short_name, write_dataset  # noqa: E402
-from tokenizer import checkpoint_dir, load_tokenizer  # noqa: E402
+from tokenizer import chat_renderer, encode_with_specials, load_tokenizer  # noqa: E402
 
 # the Stanford Alpaca prompt template
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -40,29 +40,6 @@ def read_records(args):
     return records
 
 
-def chat_renderer(tok_dir):
-    """(render(instruction_text) -> prompt text, special-token strings -> ids) from the dir's tokenizer_config.json."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment  # jinja2 comes with torch
-    path = os.path.join(checkpoint_dir(tok_dir), "tokenizer_config.json")  # a hub id: its cached snapshot
-    cfg = json.load(open(path)) if os.path.isfile(path) else {}
-    if not cfg.get("chat_template"):
-        sys.exit(f"error: --chat_template=True but {path} has no chat_template")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as HF renders chat templates
-    template = env.from_string(cfg["chat_template"])
-    tokens = {k: (v["content"] if isinstance(v, dict) else v) for k, v in cfg.items() if k in ("bos_token", "eos_token")}
-    specials = {v["content"]: int(i) for i, v in cfg.get("added_tokens_decoder", {}).items()}
-    render = lambda text: template.render(messages=[{"role": "user", "content": text}], add_generation_prompt=True, **tokens)  # noqa: E731
-    return render, specials
-
-
-def encode_with_specials(tok, text, specials):
-    """encode() knows no special tokens: split them out of the text and map them to their ids."""
-    if not specials:
-        return tok.encode(text)
-    parts = re.split("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")", text)
-    return [i for p in parts if p for i in ([specials[p]] if p in specials else tok.encode(p))]
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default=None, choices=["hub", "files"], help="default: files when --files is given")
@@ -79,7 +56,10 @@ def main():
     tok = load_tokenizer(args.tokenizer)
     if tok.eos_id is None:
         sys.exit(f"error: tokenizer {args.tokenizer!r} has no EOS token; the response must end with one")
-    render, specials = chat_renderer(args.tokenizer) if args.chat_template else (None, {})
+    try:
+        render, specials = chat_renderer(args.tokenizer) if args.chat_template else (None, {})
+    except ValueError as e:
+        sys.exit(f"error: --chat_template=True but {e}")
     bos = [tok.bos_id] if tok.bos_id is not None and not args.chat_template else []
     records = read_records(args)
     name = short_name(args.hf_dataset if args.source == "hub" else args.files.split(",")[0].rsplit(".", 1)[0])
