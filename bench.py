@@ -6,7 +6,8 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
       matmul-FLOP ratio against LoRA counted with torch.utils.flop_counter.FlopCounterMode; MoRA rope also as the
       authors' code computes it (authors_rope below), for the "faster than the reference" comparison.
   (c) modes: the real train.py for each of the six modes on that small LLaMA (byte vocab, Shakespeare from
-      `python data/text/prepare.py`), compile off and on: tok/s of the last log interval, peak RSS of the process.
+      `python data/text/prepare.py`), in fp32 and in the default dtype (auto: bf16 autocast on bf16 CPUs), eager
+      (--compile: compiled too): tok/s of the last log interval and its ratio to fp32, peak RSS of the process.
   (d) ops: aten ops (kernels, views excluded) per training step of a SmolLM2-shaped model under bf16 autocast, per
       mode: on a GPU an eager step of a model this small costs about its number of kernel launches.
   (e) memory: peak memory of one training step (fwd + bwd + AdamW) of SmolLM2-135M at 1 x 2048 tokens per mode and
@@ -20,7 +21,7 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
       --dry_run does the same on the CPU with a tiny model in a minute (the orchestration, not the numbers).
     python bench.py --what all            # (a) + (b); --threads 2 (default), --quick for a short run
     python bench.py --what step --compile # (b) with torch.compile (~15 min on 2 CPU cores, mostly compiling)
-    python bench.py --what modes          # (c), ~25 min on 2 CPU cores; --device=cuda on a GPU
+    python bench.py --what modes          # (c), ~5 min on 2 CPU cores (--compile: ~25 min); --device=cuda
     python bench.py --what ops            # (d), ~15 s
     python bench.py --what memory         # (e), 13 rows, 3-10 min each on 2 busy cores (--rows=0,3: today's step, the
                                           # issue's); needs data/smollm2/prepare.py and
@@ -182,24 +183,33 @@ def bench_modes(args):
              'relora': ['--merge_every=4'], 'remora': ['--merge_every=4'], 'xgblora': ['--booster_steps=4']}
     print(f"\n(c) train.py per mode: LLaMA d=512 L=8 MLP 1376 GQA 8/4, byte vocab (320), batch 8x256, "
           f"{args.device}, steps 5-8 (after compile and warm-up), restarts/boosters every 4 steps")
-    print(f"{'mode':>10} {'compile':>8} {'trainable':>11} {'ms/iter':>9} {'tok/s':>8} {'peak RSS MB':>12}")
+    print(f"{'mode':>10} {'compile':>8} {'dtype':>9} {'trainable':>11} {'ms/iter':>9} {'tok/s':>8} "
+          f"{'peak RSS MB':>12} {'tok/s / first dtype':>20}")
     env = {**os.environ, 'OMP_NUM_THREADS': str(args.threads)}
+    dtypes = args.dtypes.split(',')  # dtype=auto: what train.py picks here (bf16 autocast on bf16 CPUs)
     for name, extra in modes.items():
-        for compile_ in (False, True):
-            with tempfile.TemporaryDirectory() as out:
-                cmd = [sys.executable, 'train.py', *shape, f"--mode={name.split('_')[0]}", *extra,
-                       f'--compile={compile_}', f'--out_dir={out}']
-                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                log = proc.stdout.read()
-                _, status, usage = os.wait4(proc.pid, 0)
-                if status:
-                    print(f"{name:>10} {compile_!s:>8} failed:\n{log[-2000:]}")
-                    continue
-                with open(os.path.join(out, 'metrics.jsonl')) as f:
-                    last = [r for r in map(json.loads, f) if 'tok_s' in r][-1]
-            trainable = next(line for line in log.splitlines() if line.startswith('trainable')).split()[2]
-            print(f"{name:>10} {compile_!s:>8} {trainable:>11} {last['ms']:>9.0f} {last['tok_s']:>8.0f} "
-                  f"{usage.ru_maxrss / 1024:>12.0f}")
+        for compile_ in (False, True) if args.compile else (False,):
+            first = None
+            for dtype in dtypes:
+                with tempfile.TemporaryDirectory() as out:
+                    cmd = [sys.executable, 'train.py', *shape, f"--mode={name.split('_')[0]}", *extra,
+                           f'--compile={compile_}', f'--dtype={dtype}', f'--out_dir={out}']
+                    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            text=True)
+                    log = proc.stdout.read()
+                    _, status, usage = os.wait4(proc.pid, 0)
+                    if status:
+                        print(f"{name:>10} {compile_!s:>8} {dtype:>9} failed:\n{log[-2000:]}")
+                        continue
+                    with open(os.path.join(out, 'metrics.jsonl')) as f:
+                        last = [r for r in map(json.loads, f) if 'tok_s' in r][-1]
+                    with open(os.path.join(out, 'config.json')) as f:
+                        resolved = json.load(f)['dtype']
+                trainable = next(line for line in log.splitlines() if line.startswith('trainable')).split()[2]
+                first = first or last['tok_s']
+                shown = dtype if dtype == resolved else f"{dtype}={resolved[:4]}"
+                print(f"{name:>10} {compile_!s:>8} {shown:>9} {trainable:>11} {last['ms']:>9.0f} "
+                      f"{last['tok_s']:>8.0f} {usage.ru_maxrss / 1024:>12.0f} {last['tok_s'] / first:>20.2f}")
 
 
 class OpCounter(TorchDispatchMode):
@@ -458,9 +468,10 @@ if __name__ == "__main__":
     ap.add_argument("--loss_chunk", type=int, default=512, help="memory: loss_chunk of the chunked rows")
     ap.add_argument("--rows", default="", help="memory: only these rows of the run list, e.g. 0,3 (default all)")
     ap.add_argument("--memory_step", default="", help=argparse.SUPPRESS)  # (e)'s worker: one configuration as JSON
+    ap.add_argument("--dtypes", default="float32,auto", help="modes: train.py's dtype per row (ratios to the first)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="r=8 only, smaller batch, fewer repeats")
-    ap.add_argument("--compile", action="store_true", help="step: torch.compile each model (compiles in warm-up)")
+    ap.add_argument("--compile", action="store_true", help="step: torch.compile each model (compiles in warm-up); modes: compiled rows too")
     ap.add_argument("--parallel", type=int, default=4, help="gpu_tier: Table 2 runs at a time on the one GPU")
     ap.add_argument("--table_s", type=int, default=390, help="gpu_tier: seconds for the Table 2 runs")
     ap.add_argument("--speed_s", type=int, default=150, help="gpu_tier: seconds for the speed runs")

@@ -70,11 +70,12 @@ def char_accuracy(model, tokenizer, pairs, device, ctx=nullcontext(), batch_size
         prompt = torch.tensor([[0] * (n - m) + pairs[i]['prompt'] for i, m in zip(chunk, lens)],
                               dtype=torch.long, device=device)  # (B, n), left-padded with id 0
         pad = torch.tensor([n - m for m in lens], dtype=torch.long, device=device)
-        with ctx:
-            out = model.generate(prompt, max_new_tokens, temperature=0.0, pad=pad)
-        for i, row in zip(chunk, out[:, n:].tolist()):
-            p = pairs[i]['prompt']
-            pred = tokenizer.decode(p + row)[len(tokenizer.decode(p)):]
+        prompts = [pairs[i]['prompt'] for i in chunk]
+        read = lambda rows: [tokenizer.decode(p + row)[len(tokenizer.decode(p)):] for p, row in zip(prompts, rows)]
+        with ctx:  # stop once every row has read out a uuid's length: later tokens are never scored
+            out = model.generate(prompt, max_new_tokens, temperature=0.0, pad=pad,
+                                 done=lambda new: min(map(len, read(new.tolist()))) >= UUID_LEN)
+        for i, pred in zip(chunk, read(out[:, n:].tolist())):
             scores[i] = char_score(pred[:UUID_LEN], pairs[i]['value'])
     model.train(was_training)
     return sum(scores) / max(len(scores), 1)
@@ -214,9 +215,10 @@ if __name__ == '__main__':
     except (OSError, ValueError, ImportError) as e:  # OSError: offline hub/tiktoken; ImportError: a tokenizer's package
         die(e)
     bs = batch_size or run['batch_size']
-    # a half-precision base runs under autocast in its dtype (what the run trained over it is fp32: train.py)
-    half = run.get('base_dtype', 'float32') != 'float32'
-    ctx = torch.autocast(device.split(':')[0], getattr(torch, run['base_dtype'])) if half else nullcontext()
+    # in the autocast dtype the run trained in, as its logs (runs saved before train.py recorded the resolved dtype:
+    # autocast in a half base's dtype; what the run trained over it is fp32)
+    amp = run['dtype'] if run.get('dtype', 'auto') != 'auto' else run.get('base_dtype', 'float32')
+    ctx = torch.autocast(device.split(':')[0], getattr(torch, amp)) if amp != 'float32' else nullcontext()
     loss = estimate_loss(model, ds, split, bs, run['block_size'], eval_iters, device, ctx)
     print(f"{out_dir} @ iter {ckpt['iter_num']}: {split} loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})")
     if pairs:

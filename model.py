@@ -218,10 +218,11 @@ class LLaMA(nn.Module):
         return [(p.new_zeros(B, a.nkv, T_max, a.hd), p.new_zeros(B, a.nkv, T_max, a.hd)) for _ in self.layers]
 
     @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, pad=None):
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, pad=None, done=None):
         """Continue idx (B, T) by max_new_tokens -> (B, T + max_new_tokens). Greedy when temperature == 0.
         Prefills the prompt once, then feeds one token per step through a preallocated KV cache. pad: optional
-        (B,) LongTensor, row b starts with pad[b] left-padding tokens (any id, never attended; see forward)."""
+        (B,) LongTensor, row b starts with pad[b] left-padding tokens (any id, never attended; see forward).
+        done: optional callable(new tokens (B, t)) -> bool, asked after each step; True stops early -> (B, T + t)."""
         B, T = idx.shape
         assert T + max_new_tokens <= self.config.block_size, "prompt + new tokens exceed block_size"
         cache = self.new_cache(B, T + max_new_tokens)
@@ -238,6 +239,8 @@ class LLaMA(nn.Module):
                     logits[logits < v[:, [-1]]] = -float("inf")
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             out[:, t:t + 1] = nxt
+            if done is not None and done(out[:, T:t + 1]):
+                return out[:, :t + 1]
             if t + 1 < T + max_new_tokens:  # the last token needs no forward
                 logits, _ = self(nxt, cache=cache, pos=t, pad=pad)
         return out
@@ -308,17 +311,49 @@ class LLaMA(nn.Module):
         save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
-def _ce_sum(h, weight, targets):
-    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100, reduction="sum")
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ CE(h @ weightᵀ, targets) over targets != -100, `chunk` rows at a time, with the gradients made in the same
+    pass: d(sum)/d(logits) = softmax − onehot, so dh = G @ weight and dweight = Gᵀ @ h per chunk. Backward only
+    scales them: the head's matmul runs once per product needed (as with whole logits), never recomputed, and at
+    most one (chunk, vocab) block of logits lives at a time. Under autocast the matmuls run in its dtype."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, need_h, need_w):
+        total = torch.zeros((), device=h.device)
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for i in range(0, targets.numel(), chunk):
+            hc, t = h[i:i + chunk], targets[i:i + chunk]
+            z = F.linear(hc, weight)  # (n, vocab) in the matmul dtype
+            logits, keep = z.float(), (t != -100)[:, None]
+            lse = logits.logsumexp(-1, keepdim=True)
+            t = t.clamp(min=0)[:, None]  # ignored rows: any valid id, masked out below
+            total += ((lse - logits.gather(1, t)) * keep).sum()
+            if need_h or need_w:
+                G = logits.sub_(lse).exp_().scatter_add_(1, t, -torch.ones_like(lse)).mul_(keep).to(z.dtype)
+                if need_h:
+                    dh[i:i + chunk] = G @ weight.to(z.dtype)
+                if need_w:
+                    dw += (G.T @ hc.to(z.dtype)).float()
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dw = ctx.saved_tensors
+        return (None if dh is None else dh * g, None if dw is None else (dw * g).to(ctx.weight_dtype),
+                None, None, None, None)
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean CE over targets != -100 of logits = h @ weightᵀ, `chunk` rows at a time; each chunk's logits are
-    recomputed in backward (torch.utils.checkpoint), so at most one (chunk, vocab) block of logits and its grad
-    lives at once instead of (B·T, vocab). Same value as F.cross_entropy on the full logits, to fp32 round-off."""
+    """Mean CE over targets != -100 of logits = h @ weightᵀ, never holding the (B·T, vocab) logits: at most one
+    (chunk, vocab) block of them at a time (_LinearCrossEntropy). Same value and gradients as F.cross_entropy on
+    the full logits, to fp32 round-off."""
     h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
-    total = sum(checkpoint(_ce_sum, h[i:i + chunk], weight, targets[i:i + chunk], use_reentrant=False)
-                for i in range(0, targets.numel(), chunk))
+    grad = torch.is_grad_enabled()
+    total = _LinearCrossEntropy.apply(h, weight, targets, chunk, grad and h.requires_grad,
+                                      grad and weight.requires_grad)
     return total / (targets != -100).sum()
 
 

@@ -95,7 +95,7 @@ lr_decay_iters = 0  # steps over which LR decays (0 = max_iters)
 min_lr = 0.0  # LR at the end of decay (0 = learning_rate / 10)
 # system
 device = 'auto'  # 'cpu' | 'cuda' | 'cuda:1' | 'auto'
-dtype = 'auto'  # float32 | bfloat16 | float16 (autocast; trained weights stay fp32) | auto
+dtype = 'auto'  # autocast: float32 | bfloat16 | float16 | auto (bf16 on CUDA and on bf16 CPUs)
 compile: bool | None = None  # torch.compile the model (None = on for CUDA, off on CPU)
 base_dtype = 'auto'  # frozen base weights: float32 | bfloat16 | float16 | auto (bf16 for adapter modes on CUDA, else fp32)
 grad_checkpoint = False  # recompute each transformer block in backward: keep only block inputs (~1/3 more compute)
@@ -167,8 +167,10 @@ else:
 master = rank == 0
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 device_type = 'cuda' if 'cuda' in device else 'cpu'
-if dtype == 'auto':
-    dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+if dtype == 'auto':  # bf16 autocast where matmuls run natively in bf16: CUDA, and CPUs with AVX-512 BF16 or AMX
+    dtype = 'bfloat16' if (torch.cuda.is_bf16_supported() if device_type == 'cuda' else
+                           torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()) else 'float32'
+config['dtype'] = dtype  # resolved: eval.py evaluates the run in it, a resume keeps it
 compile = device_type == 'cuda' if compile is None else compile
 if base_dtype == 'auto':  # half only where every base weight stays frozen (full and warm_start train them)
     half_ok = device_type == 'cuda' and mode != 'full' and not warm_start and torch.cuda.is_bf16_supported()

@@ -143,15 +143,24 @@ def test_char_accuracy_left_padded_equals_per_row():
     model = LLaMA(ModelConfig(vocab_size=258, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                               intermediate_size=96)).eval()
     pairs = [{'prompt': [256] + tok.encode(k + ':')} for k in ['k', 'key7', 'kk', 'a-key', 'key8', 'zz', 'another']]
-    preds = []
+    preds, needed = [], []
     for j, p in enumerate(pairs):
-        row = model.generate(torch.tensor([p['prompt']]), evaluate.UUID_LEN + 8)[0, len(p['prompt']):]
-        preds.append(tok.decode(row.tolist())[:evaluate.UUID_LEN])
+        row = model.generate(torch.tensor([p['prompt']]), evaluate.UUID_LEN + 8)[0, len(p['prompt']):].tolist()
+        preds.append(tok.decode(row)[:evaluate.UUID_LEN])
+        # tokens until the row reads out a uuid's length (random bytes: some are invalid UTF-8 and merge)
+        needed.append(next(t for t in range(1, len(row) + 1) if len(tok.decode(row[:t])) >= evaluate.UUID_LEN))
         p['value'] = ('#' * j + preds[-1][j:]).ljust(evaluate.UUID_LEN, '#')
     expect = sum(evaluate.char_score(pred, p['value']) for pred, p in zip(preds, pairs)) / len(pairs)
     assert expect > 0.8 and len(set(preds)) == len(preds)
     for bs in (64, 3):  # one padded batch; chunks of 3 that mix lengths
         assert evaluate.char_accuracy(model, tok, pairs, 'cpu', batch_size=bs) == expect
+    # the decode stops once every row has a uuid's length of characters: the prefill, then one forward per token
+    # but the last, not the UUID_LEN + 8 tokens it may take
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    evaluate.char_accuracy(model, tok, pairs, 'cpu', batch_size=64)
+    hook.remove()
+    assert len(calls) == max(needed) < evaluate.UUID_LEN + 8
 
 
 def test_delta_ranks_follow_the_method(stream_ds, tmp_path):

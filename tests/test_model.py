@@ -210,6 +210,8 @@ def test_generate_matches_naive_loop(kw):
         for _ in range(12):
             ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, ref)
+    early = model.generate(idx, 12, done=lambda new: new.shape[1] == 4)  # asked after each step: stops at 4
+    assert torch.equal(early, out[:, :7 + 4])
     torch.manual_seed(1)
     sampled = model.generate(idx, 5, temperature=1.0, top_k=3)
     assert sampled.shape == (3, 12) and 0 <= sampled.min() and sampled.max() < 97

@@ -1,12 +1,17 @@
 """train.py's memory options end to end (issue 13): base_dtype, grad_checkpoint, loss_chunk, and their bad input.
 Kept beside test_train.py (same tiny model and data) so the memory keys read as one set."""
+import json
+import os
+import runpy
+import sys
+
 import pytest
 import torch
 
 import eval as evaluate
 import merge
 from data import Dataset
-from helpers import MODE_ARGS, metrics, run_train, write_stream
+from helpers import MODE_ARGS, ROOT, metrics, run_train, write_stream
 from model import LLaMA
 
 HALF = ['--base_dtype=bfloat16', '--dtype=bfloat16']  # a bf16 base under bf16 autocast (CPU autocast works too)
@@ -99,6 +104,29 @@ def test_bf16_base_eval_and_merge(stream_ds, tmp_path):
     assert loss == [m['val_loss'] for m in metrics(out) if 'val_loss' in m][-1]
     merged = LLaMA.from_pretrained(merge.merge_run(str(out), str(tmp_path / 'merged')))
     assert merged.config.n_layer == 2
+
+
+@pytest.mark.parametrize('bf16_cpu', [True, False])
+def test_dtype_auto_follows_the_cpu_and_eval_py_evaluates_in_it(bf16_cpu, stream_ds, tmp_path, monkeypatch, capsys):
+    """dtype=auto is bf16 autocast on a CPU with AVX-512 BF16 (or AMX) and fp32 on others; the resolved dtype is
+    saved with the run, and eval.py evaluates in it: it prints the training log's last val loss to the digit."""
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: bf16_cpu)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
+    out = tmp_path / 'run'
+    run_train([f'--dataset={stream_ds}', '--max_iters=2', '--eval_interval=2', '--dtype=auto', *MODE_ARGS['mora']],
+              out)
+    with open(out / 'config.json') as f:
+        assert json.load(f)['dtype'] == ('bfloat16' if bf16_cpu else 'float32')
+    logged = [m['val_loss'] for m in metrics(out) if 'val_loss' in m][-1]
+    capsys.readouterr()
+    argv, sys.argv = sys.argv, ['eval.py', f'--out_dir={out}', '--eval_iters=2']  # the run's
+    try:
+        runpy.run_path(os.path.join(ROOT, 'eval.py'), run_name='__main__')
+    finally:
+        sys.argv = argv
+    assert f"val loss {logged:.4f}" in capsys.readouterr().out
+    fp32 = evaluate.estimate_loss(evaluate.load_run(out)[0], Dataset(stream_ds), 'val', 4, 32, 2, 'cpu')
+    assert (f"{fp32:.4f}" != f"{logged:.4f}") == bf16_cpu  # bf16 numbers are not fp32's: the check can tell
 
 
 def test_base_dtype_cannot_change_on_resume(stream_ds, tmp_path, capsys):
