@@ -6,6 +6,7 @@ $ python eval.py --out_dir=out/memory_mora                # val loss (+ char_acc
 $ python eval.py --out_dir=out/memory_mora --char_acc_pairs=-1   # score every pair
 $ python eval.py --plot=out/memory_lora,out/memory_mora --plot_file=assets/memory_cpu.png
 """
+import copy
 import json
 import math
 import os
@@ -15,13 +16,30 @@ import zipfile
 from contextlib import nullcontext
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import adapters
-from model import LLaMA, ModelConfig
+from model import LLaMA, Linear, ModelConfig
 from tokenizer import checkpoint_dir
 
 UUID_LEN = 36  # a uuid4 string: 32 hex digits + 4 hyphens
+
+
+@torch.no_grad()
+def inference_model(model, dtype=None):
+    """The model as the evals run it: a copy with every adapter folded into its weight (W + ΔW, added in fp32 as
+    merge.py writes it) and every matmul weight stored in dtype, the autocast dtype (None: as it is). Folded, an
+    adapted layer is one matmul again, and a bf16 copy is not re-cast on every call: greedy decoding, a few dozen
+    tiny steps bound by per-op overhead and weight reads, is most of an eval. The trained model is not touched."""
+    model = copy.deepcopy(model)
+    adapters.merge_(model)
+    for m in list(model.modules()):
+        if isinstance(m, Linear):
+            m.adapter = None
+        if isinstance(m, nn.Linear) and dtype is not None:  # the head too: a tied one gets its own copy
+            m.weight = nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
+    return model.eval()
 
 
 @torch.no_grad()
@@ -219,6 +237,7 @@ if __name__ == '__main__':
     # autocast in a half base's dtype; what the run trained over it is fp32)
     amp = run['dtype'] if run.get('dtype', 'auto') != 'auto' else run.get('base_dtype', 'float32')
     ctx = torch.autocast(device.split(':')[0], getattr(torch, amp)) if amp != 'float32' else nullcontext()
+    model = inference_model(model, None if amp == 'float32' else getattr(torch, amp))  # as train.py's evals
     loss = estimate_loss(model, ds, split, bs, run['block_size'], eval_iters, device, ctx)
     print(f"{out_dir} @ iter {ckpt['iter_num']}: {split} loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})")
     if pairs:

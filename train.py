@@ -30,7 +30,7 @@ import adapters
 import fsdp
 from configurator import configure, die
 from data import Dataset, replace_atomically
-from eval import build_model, char_accuracy, estimate_loss, load_checkpoint, memory_pairs
+from eval import build_model, char_accuracy, estimate_loss, inference_model, load_checkpoint, memory_pairs
 from model import ModelConfig, RMSNorm
 from tokenizer import load_tokenizer
 
@@ -478,9 +478,12 @@ while True:
         t_eval -= time.time()
         rng, error = rng_states(), None
         if master or sharded:  # sharded, every rank evals (the forward gathers each block); rank 0 logs and writes
-            row = {'iter': iter_num, 'val_loss': estimate_loss(raw_model, ds, 'val', batch_size, block_size, eval_iters, device, ctx)}
+            # adapters folded into a copy, in the autocast dtype (eval.inference_model); sharded: the model as it is
+            m = raw_model if sharded else inference_model(raw_model, ptdtype if dtype != 'float32' else None)
+            row = {'iter': iter_num, 'val_loss': estimate_loss(m, ds, 'val', batch_size, block_size, eval_iters, device, ctx)}
             if pairs:
-                row['char_acc'] = char_accuracy(raw_model, tok, pairs, device, ctx)
+                row['char_acc'] = char_accuracy(m, tok, pairs, device, ctx)
+            del m
             evals = f"val loss {row['val_loss']:.4f}" + (f" | char_acc {100 * row['char_acc']:.1f}%" if pairs else '')
             log(f"eval {iter_num} | {evals}")
             write_metrics(row)

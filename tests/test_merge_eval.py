@@ -163,6 +163,36 @@ def test_char_accuracy_left_padded_equals_per_row():
     assert len(calls) == max(needed) < evaluate.UUID_LEN + 8
 
 
+@pytest.mark.parametrize('mode', ['lora', 'mora', 'xgblora'])
+def test_inference_model_folds_the_adapters_into_a_copy(mode, stream_ds, tmp_path):
+    """The evals' model: the trained model's logits (fp32 round-off) with no adapter left, the trained model
+    untouched; in bf16 every matmul weight is bf16 and the logits are the model's to bf16 precision."""
+    import copy
+    from model import Linear
+    # 3 steps: xgblora's booster merged at 2 has trained one step since (B != 0)
+    model = run_train([f'--dataset={stream_ds}', '--max_iters=3', '--eval_interval=3', *MODE_ARGS[mode]],
+                      tmp_path)['raw_model'].eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = torch.randint(0, 258, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(idx)[0]
+        plain = copy.deepcopy(model)
+        for m in plain.modules():
+            if isinstance(m, Linear):
+                m.adapter = None
+        assert (plain(idx)[0] - ref).abs().max() > 1e-3  # the adapters moved the logits: folding them shows
+        folded = evaluate.inference_model(model)
+        assert all(m.adapter is None for m in folded.modules() if isinstance(m, Linear))
+        torch.testing.assert_close(folded(idx)[0], ref, rtol=1e-5, atol=1e-5)
+        half = evaluate.inference_model(model, torch.bfloat16)
+        assert {m.weight.dtype for m in half.modules() if isinstance(m, torch.nn.Linear)} == {torch.bfloat16}
+        with torch.autocast('cpu', torch.bfloat16):
+            assert (half(idx)[0] - ref).abs().max() < 0.1 * ref.abs().max()
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.embed_tokens.weight.dtype == torch.float32
+
+
 def test_delta_ranks_follow_the_method(stream_ds, tmp_path):
     """LoRA's learned dW has rank <= r; MoRA rope on a square layer can exceed it (SPEC 2.2)."""
     ranks = {}

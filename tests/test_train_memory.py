@@ -99,8 +99,9 @@ def test_bf16_base_eval_and_merge(stream_ds, tmp_path):
     run_train([f'--dataset={stream_ds}', '--max_iters=3', '--eval_interval=3', *HALF, *MODE_ARGS['mora']], out)
     model, ckpt = evaluate.load_run(out)
     assert model.embed_tokens.weight.dtype == torch.float32 and model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
-    with torch.autocast('cpu', torch.bfloat16):
-        loss = evaluate.estimate_loss(model, Dataset(stream_ds), 'val', 4, 32, 2, 'cpu')
+    with torch.autocast('cpu', torch.bfloat16):  # as train.py's evals: adapters folded into a bf16 copy
+        loss = evaluate.estimate_loss(evaluate.inference_model(model, torch.bfloat16), Dataset(stream_ds), 'val', 4,
+                                      32, 2, 'cpu')
     assert loss == [m['val_loss'] for m in metrics(out) if 'val_loss' in m][-1]
     merged = LLaMA.from_pretrained(merge.merge_run(str(out), str(tmp_path / 'merged')))
     assert merged.config.n_layer == 2
@@ -125,7 +126,8 @@ def test_dtype_auto_follows_the_cpu_and_eval_py_evaluates_in_it(bf16_cpu, stream
     finally:
         sys.argv = argv
     assert f"val loss {logged:.4f}" in capsys.readouterr().out
-    fp32 = evaluate.estimate_loss(evaluate.load_run(out)[0], Dataset(stream_ds), 'val', 4, 32, 2, 'cpu')
+    fp32 = evaluate.estimate_loss(evaluate.inference_model(evaluate.load_run(out)[0]), Dataset(stream_ds), 'val', 4,
+                                  32, 2, 'cpu')
     assert (f"{fp32:.4f}" != f"{logged:.4f}") == bf16_cpu  # bf16 numbers are not fp32's: the check can tell
 
 
