@@ -6,6 +6,7 @@ Layer notation as in SPEC: y = W x, W is d x k (d = out_features, k = in_feature
 Δh(x) = ΔW x, and mora_delta / lora_delta return that ΔW, so merging is exact.
     python -m pytest -q tests/test_adapters.py        # tests;  python bench.py --what all  # merge + step timings
 """
+import contextlib
 import functools
 import hashlib
 import math
@@ -150,6 +151,8 @@ class _BlockDiagMatmul(torch.autograd.Function):
         xw = _wrap(x, L)  # (N, L): a view of x unless the last chunk wraps around
         ctx.save_for_backward(xw, B)
         ctx.k = k
+        dev = x.device.type  # backward's bmms run under the forward's autocast, as autograd's own would
+        ctx.amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         y = x.new_empty(N, max(L, d))
         y[:, :L].view(N, nb, r_hat).copy_(torch.bmm(xw.view(N, nb, r_hat).transpose(0, 1), B.mT).transpose(0, 1))
         if d <= L:  # D_rope cuts the last chunk
@@ -166,9 +169,10 @@ class _BlockDiagMatmul(torch.autograd.Function):
         (N, L), (nb, r_hat, _), k, d = xw.shape, B.shape, ctx.k, G.shape[1]
         G = F.pad(G, (0, L - d)) if d < L else _fold_cols(G, L)  # adjoint of the cut / tiling: (N, L)
         Gc = G.reshape(N, nb, r_hat).transpose(0, 1)  # (nb, N, r_hat)
-        dB = torch.bmm(Gc.mT, xw.view(N, nb, r_hat).transpose(0, 1))
-        dx = G.new_empty(N, max(L, k))
-        dx[:, :L].view(N, nb, r_hat).copy_(torch.bmm(Gc, B).transpose(0, 1))
+        with torch.autocast(G.device.type, ctx.amp) if ctx.amp else contextlib.nullcontext():
+            dB = torch.bmm(Gc.mT, xw.view(N, nb, r_hat).transpose(0, 1)).to(B.dtype)
+            dx = G.new_empty(N, max(L, k))
+            dx[:, :L].view(N, nb, r_hat).copy_(torch.bmm(Gc, B).transpose(0, 1))
         if L < k:  # inputs past the computed chunks get no gradient
             dx[:, L:].zero_()
         else:  # adjoint of the wrap: the padding's gradient folds back onto x's first columns (nb >= 2, so L < 2k)

@@ -97,7 +97,7 @@ min_lr = 0.0  # LR at the end of decay (0 = learning_rate / 10)
 device = 'auto'  # 'cpu' | 'cuda' | 'cuda:1' | 'auto'
 dtype = 'auto'  # autocast: float32 | bfloat16 | float16 | auto (bf16 on CUDA and on bf16 CPUs)
 compile: bool | None = None  # torch.compile the model (None = on for CUDA, off on CPU)
-base_dtype = 'auto'  # frozen base weights: float32 | bfloat16 | float16 | auto (bf16 for adapter modes on CUDA, else fp32)
+base_dtype = 'auto'  # frozen base weights: float32 | bfloat16 | float16 | auto (see README, Memory keys)
 grad_checkpoint = False  # recompute each transformer block in backward: keep only block inputs (~1/3 more compute)
 loss_chunk = 512  # training CE over chunks of this many tokens: no (batch, block, vocab) logits (0 = all at once)
 seed = 1337  # model init, adapters, dropout, data order
@@ -172,8 +172,10 @@ if dtype == 'auto':  # bf16 autocast where matmuls run natively in bf16: CUDA, a
                            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()) else 'float32'
 config['dtype'] = dtype  # resolved: eval.py evaluates the run in it, a resume keeps it
 compile = device_type == 'cuda' if compile is None else compile
-if base_dtype == 'auto':  # half only where every base weight stays frozen (full and warm_start train them)
-    half_ok = device_type == 'cuda' and mode != 'full' and not warm_start and torch.cuda.is_bf16_supported()
+if base_dtype == 'auto':  # half only where every base weight stays frozen (full and warm_start train them);
+    # on a CPU also only where nothing merges into it (restarts, boosters), so those merges stay fp32
+    half_ok = mode != 'full' and not warm_start and (torch.cuda.is_bf16_supported() if device_type == 'cuda' else
+                                                     dtype == 'bfloat16' and mode in ('lora', 'mora'))
     base_dtype = 'bfloat16' if half_ok else 'float32'
 if base_dtype != 'float32' and (mode == 'full' or warm_start):
     die(f"base_dtype={base_dtype!r} stores the frozen base in half precision, but "

@@ -409,3 +409,33 @@ def test_base_fingerprint():
         model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3
     assert A.base_fingerprint(model.state_dict()) != fp
     assert A.base_fingerprint(tiny_model(dtype=torch.bfloat16).state_dict()) != fp  # dtype is part of it
+
+
+def test_rope_backward_runs_in_the_autocast_dtype():
+    """Under bf16 autocast, _BlockDiagMatmul's backward bmms run in bf16 as autograd's own would (they ran in fp32,
+    half the speed on bf16 CPUs), and the gradients still come back in the inputs' fp32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BmmDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.bmm.default:
+                self.seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 40, generator=g, requires_grad=True)
+    M = torch.randn(16, 16, generator=g, requires_grad=True)
+    with torch.autocast('cpu', torch.bfloat16):
+        y = A.mora_forward(x, M, 40, 'rope')  # 3 chunks of 16 (wrapped), cut to 40
+    dtypes = BmmDtypes()
+    with dtypes:
+        y.float().pow(2).sum().backward()
+    assert dtypes.seen == [torch.bfloat16] * 2 and x.grad.dtype == M.grad.dtype == torch.float32
+    ref_x, ref_M = x.detach().clone().requires_grad_(), M.detach().clone().requires_grad_()
+    A.mora_forward(ref_x, ref_M, 40, 'rope').pow(2).sum().backward()  # fp32: equal to bf16 precision
+    for a, b in ((x.grad, ref_x.grad), (M.grad, ref_M.grad)):
+        assert (a - b).norm() <= 0.05 * b.norm()
