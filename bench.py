@@ -19,6 +19,7 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
       speed of every mode, one run at a time, compiled, bf16, until --speed_s runs out: tok/s, MFU, graph breaks
       and recompiles (TORCH_LOGS) on SmolLM2-135M at 128 x 73 and a Llama-3.2-1B-shaped model at 8 x 2048.
       --dry_run does the same on the CPU with a tiny model in a minute (the orchestration, not the numbers).
+  (g) attention: model.attention (the formula in fp32 on a CPU) against SDPA's CPU kernel, forward + backward.
     python bench.py --what all            # (a) + (b); --threads 2 (default), --quick for a short run
     python bench.py --what step --compile # (b) with torch.compile (~15 min on 2 CPU cores, mostly compiling)
     python bench.py --what modes          # (c), ~5 min on 2 CPU cores (--compile: ~25 min); --device=cuda
@@ -29,6 +30,7 @@ Adapter benchmarks, CPU fp32 by default (a script, not a test):
     python bench.py --what gpu_tier --device=cuda   # (f), after data/smollm2/prepare.py and
                                                     # data/memory/prepare.py --n_pairs=1000; ~9 min of one GPU
     python bench.py --what gpu_tier --dry_run       # (f) on the CPU, tiny model, ~1-2 min
+    python bench.py --what attention      # (g) model.attention vs SDPA on the CPU, ~20 s
 """
 import argparse
 import json
@@ -210,6 +212,29 @@ def bench_modes(args):
                 shown = dtype if dtype == resolved else f"{dtype}={resolved[:4]}"
                 print(f"{name:>10} {compile_!s:>8} {shown:>9} {trainable:>11} {last['ms']:>9.0f} "
                       f"{last['tok_s']:>8.0f} {usage.ru_maxrss / 1024:>12.0f} {last['tok_s'] / first:>20.2f}")
+
+
+def bench_attention(args):
+    """(g): model.attention (on a CPU: the formula in fp32) against F.scaled_dot_product_attention (the kernel torch
+    picks: flash on a CPU), forward + backward at SmolLM2's 9 heads x 64, batch x T = 1152 tokens, fp32 and bf16
+    inputs (bf16 under autocast, as training runs it); median ms of --repeats after one warm-up."""
+    import model as model_py
+    print(f"\n(g) causal attention fwd+bwd, 9 heads x 64, {torch.get_num_threads()} threads, median ms")
+    print(f"{'B x T':>10} {'dtype':>9} {'SDPA':>8} {'ours':>8} {'ours / SDPA':>12}")
+    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for T in (72, 256, 1152):
+        for dt in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(0)
+            qkv = [torch.randn(1152 // T, 9, T, 64, generator=g).to(dt).requires_grad_() for _ in range(3)]
+            ms = []
+            for fn in (sdpa, model_py.attention):
+                def run():
+                    with torch.autocast('cpu', torch.bfloat16, enabled=dt == torch.bfloat16):
+                        y = fn(*qkv)
+                    y.float().sum().backward()
+                run()  # warm-up
+                ms.append(1000 * timeit(run, args.repeats))
+            print(f"{1152 // T:>4} x {T:<4} {str(dt)[6:]:>9} {ms[0]:>8.2f} {ms[1]:>8.2f} {ms[1] / ms[0]:>12.2f}")
 
 
 class OpCounter(TorchDispatchMode):
@@ -463,7 +488,7 @@ def bench_gpu_tier(args):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", choices=["merge", "step", "modes", "ops", "memory", "gpu_tier", "all"], default="all")
+    ap.add_argument("--what", choices=["merge", "step", "modes", "ops", "memory", "gpu_tier", "attention", "all"], default="all")
     ap.add_argument("--device", default="cpu", help="modes and memory: cpu or cuda")
     ap.add_argument("--loss_chunk", type=int, default=512, help="memory: loss_chunk of the chunked rows")
     ap.add_argument("--rows", default="", help="memory: only these rows of the run list, e.g. 0,3 (default all)")
@@ -496,6 +521,8 @@ if __name__ == "__main__":
         bench_ops(args)
     if args.what == "memory":
         bench_memory(args)
+    if args.what == "attention":
+        bench_attention(args)
     if args.what == "gpu_tier":
         if args.dry_run:
             args.table_s, args.speed_s, args.device = 75, 150, 'cpu'

@@ -87,6 +87,22 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def attention(q, k, v, mask=None):
+    """softmax(q kᵀ / √hd, causal or mask) v for (B, nh, T, hd) inputs. On a GPU: SDPA's fused kernels. On a CPU:
+    the same formula written out in fp32 (autocast off), which at these sequence lengths ran 2-7x faster than
+    SDPA's CPU flash kernel, backward the most (bench.py --what attention)."""
+    causal = mask is None and q.size(2) > 1
+    if q.device.type != 'cpu':
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    with torch.autocast('cpu', enabled=False):
+        att = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T')
+        if causal:
+            mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
+        if mask is not None:
+            att = att.masked_fill(~mask, float('-inf'))
+        return (att.softmax(-1) @ v.float()).to(v.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -114,7 +130,7 @@ class Attention(nn.Module):
             # GQA: each kv head serves nh / nkv consecutive query heads
             k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, T', hd)
             v = v.repeat_interleave(self.nh // self.nkv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)  # (B, nh, T, hd)
+        y = attention(q, k, v, mask)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)         # (B, T, nh*hd)
         return self.o_proj(y)
 

@@ -311,3 +311,23 @@ def test_loss_chunk_forward_has_no_logits_and_the_same_loss():
     logits, loss = model(idx, targets)
     assert logits is None and torch.allclose(loss, ref, rtol=1e-6)
     assert torch.equal(model(idx)[0], ref_logits)  # without targets: logits as ever (eval, generate)
+
+
+@pytest.mark.parametrize("T, Tk, masked", [(7, 7, False), (1, 9, False), (6, 6, True), (1, 8, True)])
+def test_cpu_attention_equals_sdpa(T, Tk, masked):
+    """model.attention (on a CPU the formula in fp32) = SDPA, values and gradients: causal training, a decode step
+    over a cache, and boolean masks (left padding) for prefill and decode; in bf16 it returns bf16."""
+    g = torch.Generator().manual_seed(T + Tk)
+    q = torch.randn(2, 4, T, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 4, Tk, 8, generator=g, requires_grad=True) for _ in range(2))
+    mask = None
+    if masked:  # every query sees its own position, as forward's padding mask guarantees
+        own = torch.arange(Tk)[None, :] == torch.arange(T)[:, None] + Tk - T  # (T, Tk): query i at key i + Tk - T
+        mask = (torch.rand(2, 1, T, Tk, generator=g) < 0.6) | own
+    ours = model_py.attention(q, k, v, mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(ours.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    half = model_py.attention(*(t.detach().bfloat16() for t in (q, k, v)), mask)
+    assert half.dtype == torch.bfloat16 and (half.float() - ref).abs().max() < 0.05
