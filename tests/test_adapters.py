@@ -397,15 +397,3 @@ def test_save_load_roundtrip_uses_saved_r_hat():
     with pytest.raises(ValueError, match="mismatch"):
         A.load_adapters(tiny_model(), s, {k: v for k, v in sd.items() if "layers.0" not in k})
 
-
-def test_base_fingerprint():
-    model = tiny_model()
-    fp = A.base_fingerprint(model.state_dict())
-    assert fp == A.base_fingerprint(tiny_model().state_dict()) and len(fp) == 64
-    A.attach(model, "lora")
-    randomize_(model)
-    assert A.base_fingerprint(model.state_dict()) == fp  # adapters are not part of the base
-    with torch.no_grad():
-        model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3
-    assert A.base_fingerprint(model.state_dict()) != fp
-    assert A.base_fingerprint(tiny_model(dtype=torch.bfloat16).state_dict()) != fp  # dtype is part of it
