@@ -31,8 +31,8 @@ def base_fingerprint(state_dict: dict) -> str:
 
 
 def save_checkpoint(ckpt: dict, out_dir: str):
-    """Atomic write of out_dir/ckpt.pt (temp file, fsync, os.replace). Returns None, or the error line
-    of a failed write (disk full), which leaves ckpt.pt as it was."""
+    """Atomic write of out_dir/ckpt.pt (temp file, fsync, os.replace). Returns None, or the error
+    line of a failed write (disk full), which leaves ckpt.pt as it was."""
     tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
     try:  # torch.save's zip writer reports a full disk as a RuntimeError, not an OSError
         torch.save(ckpt, tmp)
@@ -60,8 +60,8 @@ def load_checkpoint(path):
 
 
 def resume_error(out_dir, saved: dict, config: dict, may_change: tuple):
-    """Why the run in out_dir (its saved config) cannot resume with config, or None: only the keys in
-    may_change may differ, and max_iters only where lr_decay_iters is set (it sets the decay)."""
+    """Why the run in out_dir (its saved config) cannot resume with config, or None: only the keys
+    in may_change may differ, and max_iters only where lr_decay_iters is set (it sets the decay)."""
     changed = {k: (saved.get(k), v) for k, v in config.items()  # model_config: by its shape keys
                if saved.get(k) != v and k not in (*may_change, 'model_config')}
     if not saved['lr_decay_iters'] and saved['max_iters'] != config['max_iters']:
@@ -90,8 +90,8 @@ def write_config(out_dir, config: dict, code_files) -> str:
 
 
 def start_metrics(out_dir, resume: bool, iter_num: int):
-    """A fresh run starts metrics.jsonl anew; a resumed one drops what was logged past its checkpoint
-    (that eval is redone)."""
+    """A fresh run starts metrics.jsonl anew; a resumed one drops what was logged past its
+    checkpoint (that eval is redone)."""
     path = os.path.join(out_dir, 'metrics.jsonl')
     keep = lambda row: resume and (row['iter'] < iter_num or (row['iter'] == iter_num
                                                                 and 'val_loss' not in row))

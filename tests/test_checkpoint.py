@@ -1,6 +1,7 @@
 """
-Tests for checkpoint.py: the base fingerprint (resume, eval and merge refuse another base by it). Saving,
-loading, CRC checks and resume refusals run through the real train.py in test_train.py / test_errors.py.
+Tests for checkpoint.py: the base fingerprint (resume, eval and merge refuse another base by it).
+Saving, loading, CRC checks and resume refusals run through the real train.py in test_train.py and
+test_errors.py.
     python -m pytest -q tests/test_checkpoint.py
 """
 import torch
@@ -16,8 +17,9 @@ def test_base_fingerprint():
     assert fp == checkpoint.base_fingerprint(tiny_model().state_dict()) and len(fp) == 64
     A.attach(model, "lora")
     randomize_(model)
-    assert checkpoint.base_fingerprint(model.state_dict()) == fp  # adapters are not part of the base
+    assert checkpoint.base_fingerprint(model.state_dict()) == fp  # adapters are no part of the base
     with torch.no_grad():
         model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3
     assert checkpoint.base_fingerprint(model.state_dict()) != fp
-    assert checkpoint.base_fingerprint(tiny_model(dtype=torch.bfloat16).state_dict()) != fp  # dtype is part of it
+    bf16 = tiny_model(dtype=torch.bfloat16)
+    assert checkpoint.base_fingerprint(bf16.state_dict()) != fp  # the dtype is part of it

@@ -1,7 +1,7 @@
 """
-kernels.py == adapters.py's formulas, for every kind: the forward, its gradients (w.r.t. x and M) and the
-in-place merge, on the shapes of the public fixtures and on the odd ones (k < r_hat, k <= r_hat/2,
-d < r_hat, r_hat | k, tiny layers), in float64 (to round-off) and float32.
+kernels.py == adapters.py's formulas, for every kind: the forward, its gradients (w.r.t. x, M) and
+the in-place merge, on the shapes of the public fixtures and on the odd ones (k < r_hat,
+k <= r_hat/2, d < r_hat, r_hat | k, tiny layers), in float64 (to round-off) and float32.
     python -m pytest -q tests/test_kernels.py
 """
 import os
@@ -34,8 +34,8 @@ def test_fixture_shapes_are_the_fixtures():
         cs = torch.load(FIXTURES, weights_only=True)
         assert {(c["in_features"], c["out_features"], c["r"]) for c in cs} == set(FIXTURE_SHAPES)
     shapes = [(k, d, A.mora_rank(k, d, r, "share")) for k, d, r in FIXTURE_SHAPES + SHAPES + ODD]
-    assert any(k < r_hat for k, d, r_hat in shapes) and any(2 * k <= r_hat for k, d, r_hat in shapes)
-    assert any(d < r_hat for k, d, r_hat in shapes) and any(k % r_hat == 0 for k, d, r_hat in shapes)
+    assert any(k < rh for k, _, rh in shapes) and any(2 * k <= rh for k, _, rh in shapes)
+    assert any(d < rh for _, d, rh in shapes) and any(k % rh == 0 for k, _, rh in shapes)
 
 
 @pytest.mark.parametrize("kind", A.KINDS)
@@ -71,15 +71,18 @@ def test_fast_equals_plain_in_float32(kind):
     for x, M, k, d in cases(kind, dtype=torch.float32, seed=2):
         y, y0 = A.FORWARDS[kind](x, M, d), A.FORMULAS[kind](x, M, d)
         scale = y0.abs().max().clamp_min(1)
-        assert y.dtype == torch.float32 and ((y - y0).abs().max() / scale).item() <= 1e-5, (kind, k, d)
+        assert y.dtype == torch.float32, kind
+        assert ((y - y0).abs().max() / scale).item() <= 1e-5, (kind, k, d)
         W = torch.zeros(d, k)
         D = A.mora_delta(M, k, d, kind)
-        assert ((K.mora_add_(W, M, kind) - D).abs().max() / D.abs().max().clamp_min(1)).item() <= 1e-6
+        err = (K.mora_add_(W, M, kind) - D).abs().max() / D.abs().max().clamp_min(1)
+        assert err.item() <= 1e-6, (kind, k, d)
 
 
 def test_lora_merge_equals_its_delta():
     g = torch.Generator().manual_seed(3)
-    Am, Bm, W = torch.randn(4, 67, generator=g), torch.randn(131, 4, generator=g), torch.randn(131, 67)
+    Am, Bm = torch.randn(4, 67, generator=g), torch.randn(131, 4, generator=g)
+    W = torch.randn(131, 67, generator=g)
     for gate in (None, torch.tensor(0.0), torch.tensor(1.0)):
         t = {"A": Am, "B": Bm} | ({} if gate is None else {"gate": gate})
         s = {"method": "lora" if gate is None else "booster", "scale": 0.5}
