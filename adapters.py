@@ -87,8 +87,8 @@ def share(x, M, d):
     return _wrap(F.linear(_chunks(x, M.shape[0]).sum(-2), M), d)
 
 def share_group(x, M, d):
-    """C_group + D_group (ReMoRA kind B; reference type 2): slot a sums the a-th contiguous group
-    of ⌊k/r_hat⌋ or ⌊k/r_hat⌋+1 features, output t reads slot γ_d(t); ΔW[t, j] = M[γ_d(t), γ_k(j)]
+    """C_group + D_group (ReMoRA kind B; reference type 2): slot a sums contiguous group a of
+    ⌊k/r_hat⌋ or ⌊k/r_hat⌋+1 features, output t reads slot γ_d(t); ΔW[t, j] = M[γ_d(t), γ_k(j)].
     Fast: kernels.share_group (reshaped sums, expanded views), kernels.mora_add_."""
     return F.linear(_group_sum(x, M.shape[0]), M)[..., _groups(d, M.shape[0], x.device)]
 
