@@ -1,6 +1,6 @@
 """
 Adapter benchmarks, CPU fp32 by default (a script, not a test):
-  (a) merge: W += ΔW (mora_delta / lora_delta, then add) on LLaMA-7B layer shapes, against one same-shaped
+  (a) merge: W += ΔW (in place, and built first, then added) on LLaMA-7B layer shapes, against one same-shaped
       W.add_(W2), the memory-bound floor of any merge;
   (b) step: forward + backward + AdamW step of a small LLaMA with LoRA / MoRA adapters, median ms, and the
       matmul-FLOP ratio against LoRA counted with torch.utils.flop_counter.FlopCounterMode; MoRA rope also as the
@@ -52,6 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import adapters
+import kernels
 from model import LLaMA, ModelConfig
 
 
@@ -69,7 +70,7 @@ def bench_merge(args):
     ranks = [8] if args.quick else [8, 256]
     print(f"\n(a) merge W += ΔW, fp32, {torch.get_num_threads()} threads, median of {args.repeats}. floor: one "
           "W.add_(W2) of the same shape; in-place: what merge_ runs (mora_add_ / addmm_); "
-          "materialised: W.add_(mora_delta(...)) / W.add_(lora_delta(...))")
+          "materialised: W.add_(ΔW), ΔW built first (kernels.mora_add_ on zeros / lora_delta)")
     print(f"{'layer (in->out)':>16} {'r':>4} {'method':>17} {'r_hat':>6} {'floor ms':>9} {'in-place':>9} {'ratio':>6} "
           f"{'materialised':>13} {'ratio':>6}")
     g = torch.Generator().manual_seed(0)
@@ -85,7 +86,9 @@ def bench_merge(args):
                     r_hat = adapters.mora_rank(k, d, r, method)
                     M = torch.randn(r_hat, r_hat, generator=g) * 0.01
                     in_place = lambda: adapters.mora_add_(W, M, method)  # noqa: E731
-                    materialised = lambda: W.add_(adapters.mora_delta(M, k, d, method))  # noqa: E731
+                    # ΔW built first by the fast path on zeros (as _Adapter.delta), then added
+                    delta = lambda: kernels.mora_add_(torch.zeros_like(W), M, method)  # noqa: E731
+                    materialised = lambda: W.add_(delta())  # noqa: E731
                 floor = timeit(lambda: W.add_(W2, alpha=1e-6), args.repeats)  # re-measured: the machine is shared
                 t1, t2 = timeit(in_place, args.repeats), timeit(materialised, args.repeats)
                 print(f"{f'{k}->{d}':>16} {r:>4} {method:>17} {r_hat:>6} {floor * 1e3:>9.1f} {t1 * 1e3:>9.1f} "

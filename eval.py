@@ -12,7 +12,6 @@ import math
 import os
 import re
 import sys
-import zipfile
 from contextlib import nullcontext
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import adapters
+from checkpoint import base_fingerprint, load_checkpoint
 from model import LLaMA, Linear, ModelConfig
 from tokenizer import checkpoint_dir
 
@@ -126,21 +126,6 @@ def build_model(config, device='cpu'):
     return LLaMA.from_pretrained(checkpoint_dir(config['init_from']), dtype).to(device)
 
 
-def load_checkpoint(path):
-    """torch.load of a ckpt.pt with weights_only=True (no code runs); a cut-off or damaged file is a ValueError."""
-    bad = ValueError(f"{path} is truncated or corrupted (not a complete torch.save archive)")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: a cut-off file lacks its central directory
-        raise bad
-    try:  # torch.load checks no CRC: a flipped byte in a tensor would load silently (testzip reads ~1 GB/s)
-        with zipfile.ZipFile(path) as z:
-            damaged = z.testzip()
-    except (zipfile.BadZipFile, OSError) as e:  # a damaged record header
-        raise bad from e
-    if damaged:
-        raise ValueError(f"{path} is truncated or corrupted (record {damaged} fails its CRC)")
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
 def load_run(out_dir, device='cpu'):
     """Rebuild the trained model of a run from out_dir/ckpt.pt: base, moved weights, adapters. Returns (model, ckpt)."""
     path = os.path.join(out_dir, 'ckpt.pt')
@@ -148,7 +133,7 @@ def load_run(out_dir, device='cpu'):
         raise FileNotFoundError(f"no checkpoint at {path}: train first (python train.py ... --out_dir={out_dir})")
     ckpt = load_checkpoint(path)
     model = build_model(ckpt['config'], device)
-    if ckpt['base_fingerprint'] != adapters.base_fingerprint(model.state_dict()):
+    if ckpt['base_fingerprint'] != base_fingerprint(model.state_dict()):
         raise ValueError(f"{path} was trained on another base than {ckpt['config']['init_from']} (fingerprint differs)")
     if ckpt['adapters']:
         adapters.load_adapters(model, ckpt['adapters'], {})

@@ -8,6 +8,7 @@ Module names follow HF with the `model.` prefix removed. Every projection is a `
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -423,3 +424,15 @@ def config_to_hf(c: ModelConfig, dtype: str = "float32") -> dict:
         "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
         "use_cache": True, "torch_dtype": dtype,
     }
+
+
+# dense bf16 peaks for MFU; a GPU matches by whole words of its name ('NVIDIA A100-SXM4-80GB'):
+# 'L4' is no L40S, 'A10' no A10G
+PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12,
+              'L4': 121e12, 'A10': 125e12, '4090': 165e12}
+
+
+def peak_flops(device):
+    """The dense bf16 peak FLOP/s of a CUDA device, from PEAK_FLOPS by its name; None if not listed."""
+    words = set(re.split(r'[\s-]+', torch.cuda.get_device_name(device)))
+    return next((v for k, v in PEAK_FLOPS.items() if set(k.split()) <= words), None)

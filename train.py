@@ -2,13 +2,12 @@
 One training loop for full fine-tuning, LoRA, MoRA, ReLoRA, ReMoRA and XGBLoRA (SPEC sections 1-4).
 
 $ python train.py config/memory_mora.py                       # one process, CPU or one GPU
-$ python train.py config/memory_lora.py --max_iters=100       # config file, then --key=value overrides
+$ python train.py config/memory_lora.py --max_iters=100       # a config file, then --key=value
 $ torchrun --standalone --nproc_per_node=2 train.py config/pretrain_remora.py   # DDP
-$ torchrun --standalone --nproc_per_node=8 train.py config/alpaca_lora.py --parallel=fsdp   # FSDP2 (fsdp.py)
+$ torchrun --standalone --nproc_per_node=8 train.py config/alpaca_lora.py --parallel=fsdp  # FSDP2
 $ python train.py --help                                      # every key with its comment
 """
 import functools
-import hashlib
 import json
 import math
 import os
@@ -16,7 +15,6 @@ import random
 import re
 import resource
 import signal
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -27,11 +25,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adapters
+import checkpoint
 import fsdp
 from configurator import configure, die
-from data import Dataset, replace_atomically
-from eval import build_model, char_accuracy, estimate_loss, inference_model, load_checkpoint, memory_pairs
-from model import ModelConfig, RMSNorm
+from data import Dataset
+from eval import build_model, char_accuracy, estimate_loss, inference_model, memory_pairs
+from model import ModelConfig, RMSNorm, peak_flops
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -40,17 +39,17 @@ out_dir = 'out'  # checkpoint ckpt.pt, config.json and metrics.jsonl go here
 eval_interval = 100  # iterations between evals and checkpoints
 log_interval = 10  # iterations between log lines
 eval_iters = 20  # val batches per loss estimate (fixed order: the same number every time)
-char_acc_pairs = 0  # memory datasets: pairs scored by greedy decoding at each eval (0 = off, -1 = all)
+char_acc_pairs = 0  # memory datasets: pairs scored by greedy decoding per eval (0 = off, -1 = all)
 eval_only = False  # evaluate once and exit
-note = ''  # printed at the start and the end of the run (configs say there what the run does and does not show)
-wandb_log = False  # also log the metrics.jsonl rows to Weights & Biases (pip install wandb; WANDB_MODE=offline works)
+note = ''  # printed at the start and the end of the run (configs: what it does and does not show)
+wandb_log = False  # also log metrics.jsonl rows to Weights & Biases (pip install wandb; or offline)
 wandb_project = 'mora-gpt'  # wandb project
 wandb_run_name = ''  # wandb run name ('' = the out_dir's name)
 resume = False  # continue the run in out_dir exactly where its checkpoint stopped
-init_from = 'scratch'  # 'scratch' | an HF checkpoint dir (data/smollm2/SmolLM2-135M-Instruct) | a hub id (owner/name)
+init_from = 'scratch'  # 'scratch' | an HF checkpoint dir (data/smollm2/...) | a hub id (owner/name)
 # data
 dataset = 'memory'  # data/<dataset>/ as written by a data/*/prepare.py script
-tokenizer = ''  # 'byte' | 'tiktoken:<name>' | a checkpoint dir or hub id ('' = init_from's own; 'byte' from scratch)
+tokenizer = ''  # 'byte' | 'tiktoken:<name>' | a checkpoint dir or hub id ('' = init_from's / byte)
 batch_size = 16  # sequences per micro-batch (per process)
 block_size = 128  # tokens per sequence
 gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all processes
@@ -63,19 +62,19 @@ intermediate_size = 352  # SwiGLU hidden size
 rope_theta = 10000.0  # RoPE base
 # method
 mode = 'mora'  # full | lora | mora | relora | remora | xgblora
-targets = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')  # adapted projections
+targets = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')  # adapted
 r = 8  # LoRA rank; MoRA picks r_hat = sqrt((in+out)*r) for the same parameter count
 alpha = 16.0  # LoRA scale = alpha / r (MoRA has no alpha)
-mora_kind = 'auto'  # share | share_group | share_group_tile | share_fold_group | rope | decouple | truncate | auto
+mora_kind = 'auto'  # one of adapters.KINDS (share, rope, ...) or auto (rope if r <= 32, else share)
 dropout = 0.0  # dropout on the adapter input
-train_rest: bool | None = None  # adapter modes also train embeddings, norms and lm_head (None = only from scratch)
+train_rest: bool | None = None  # adapter modes train embeddings, norms, lm_head too (None: scratch)
 # merge-and-restart (relora, remora)
 merge_every = 0  # optimizer steps between merges (0 = never)
 restart_warmup = 50  # steps of linear LR re-warm after each restart
-remora_cycle = 'paper'  # 'paper': share <-> share_group; 'reference': the 4-kind cycle of the MoRA code
-optimizer_reset = 'clear'  # 'clear' adapter moments and step at a restart, or 'prune' 99% of them (ReLoRA)
+remora_cycle = 'paper'  # 'paper': share <-> share_group; 'reference': the MoRA code's 4-kind cycle
+optimizer_reset = 'clear'  # 'clear' adapter moments and step at a restart, or 'prune' 99% (ReLoRA)
 warm_start = 0  # full-rank steps before the adapters take over (ReLoRA paper; 0 = none, as in MoRA)
-lr_envelope = 'jagged'  # 'jagged': one cosine for the run (ReLoRA); 'rewarm': fresh cosine per period (MoRA code)
+lr_envelope = 'jagged'  # 'jagged': one cosine for the run (ReLoRA); 'rewarm': one per period (MoRA)
 # xgblora
 booster_steps = 50  # optimizer steps per rank-1 booster
 booster_blocks = 0  # blocks sampled per booster (0 = n_layer // 3, the paper's best)
@@ -97,35 +96,38 @@ min_lr = 0.0  # LR at the end of decay (0 = learning_rate / 10)
 device = 'auto'  # 'cpu' | 'cuda' | 'cuda:1' | 'auto'
 dtype = 'auto'  # autocast: float32 | bfloat16 | float16 | auto (bf16 on CUDA and on bf16 CPUs)
 compile: bool | None = None  # torch.compile the model (None = on for CUDA, off on CPU)
-base_dtype = 'auto'  # frozen base weights: float32 | bfloat16 | float16 | auto (see README, Memory keys)
-grad_checkpoint = False  # recompute each transformer block in backward: keep only block inputs (~1/3 more compute)
-loss_chunk = 512  # training CE over chunks of this many tokens: no (batch, block, vocab) logits (0 = all at once)
+base_dtype = 'auto'  # frozen base: float32 | bfloat16 | float16 | auto (README: Memory keys)
+grad_checkpoint = False  # recompute each block in backward, keep only its input (~1/3 more compute)
+loss_chunk = 512  # training CE over chunks of this many tokens: no (B, T, vocab) logits (0 = off)
 seed = 1337  # model init, adapters, dropout, data order
-parallel = 'ddp'  # under torchrun: 'ddp' replicates the model, 'fsdp' shards weights, grads and AdamW state (FSDP2)
+parallel = 'ddp'  # under torchrun: 'ddp' replicates the model, 'fsdp' shards weights, grads, state
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:], __file__)
 MODES = ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora')
-CODE = ('train.py', 'model.py', 'adapters.py', 'eval.py', 'configurator.py', 'tokenizer.py', 'data/__init__.py')
-# keys a resumed run may change; any other difference is refused
-MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs', 'eval_only', 'resume',
-              'compile', 'device', 'out_dir', 'note', 'parallel',  # out_dir: a moved or copied run dir resumes as well
+CODE = ('train.py', 'model.py', 'adapters.py', 'kernels.py', 'checkpoint.py', 'eval.py',
+        'configurator.py', 'tokenizer.py', 'data/__init__.py')
+# keys a resumed run may change; any other difference is refused (out_dir: a moved run dir resumes)
+MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs',
+              'eval_only', 'resume', 'compile', 'device', 'out_dir', 'note', 'parallel',
               'wandb_log', 'wandb_project', 'wandb_run_name')
 
 
-def setup(fn, *args, **kwargs):  # a setup step: expected failures (missing file, offline, bad value, package) -> die()
+def setup(fn, *args, **kwargs):  # a setup step: expected failures (missing file, offline) -> die
     try:
         return fn(*args, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         die(e)
 
 
-# checked before anything is built: string keys take one of their choices, numbers are >= 0 (sizes >= 1)
-CHOICES = {'mode': MODES, 'mora_kind': ('auto', *adapters.KINDS), 'remora_cycle': tuple(adapters.CYCLES),
-           'optimizer_reset': ('clear', 'prune'), 'lr_envelope': ('jagged', 'rewarm'),
-           'decay_lr': ('cosine', 'linear', 'constant'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16'),
-           'parallel': ('ddp', 'fsdp'), 'base_dtype': ('auto', 'float32', 'bfloat16', 'float16')}
-POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
-            'eval_iters', 'booster_steps', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size')
+# checked before anything is built: string keys take one of their choices, numbers >= 0 (sizes >= 1)
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+CHOICES = {'mode': MODES, 'mora_kind': ('auto', *adapters.KINDS),
+           'remora_cycle': tuple(adapters.CYCLES), 'optimizer_reset': ('clear', 'prune'),
+           'lr_envelope': ('jagged', 'rewarm'), 'decay_lr': ('cosine', 'linear', 'constant'),
+           'dtype': DTYPES, 'parallel': ('ddp', 'fsdp'), 'base_dtype': DTYPES}
+POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
+            'log_interval', 'eval_iters', 'booster_steps', 'n_layer', 'n_head', 'n_kv_head',
+            'n_embd', 'intermediate_size')
 for k, v in config.items():
     if k in CHOICES and v not in CHOICES[k]:
         die(f"{k}={v!r} is not one of {' | '.join(CHOICES[k])}")
@@ -136,28 +138,33 @@ restarts = mode in ('relora', 'remora')
 if merge_every and not restarts:
     die(f"merge_every={merge_every} needs mode relora or remora, got mode={mode!r}")
 if restarts and not merge_every:  # a restart mode that never restarts is silently its plain twin
-    die(f"mode={mode!r} merges every merge_every steps: set merge_every >= 1 (0 trains plain {mode[2:]})")
-if wandb_log:  # the tracker is optional: imported only when on, and found missing before anything is built
+    die(f"mode={mode!r} merges every merge_every steps: set merge_every >= 1 (0 trains plain "
+        f"{mode[2:]})")
+if wandb_log:  # the tracker is optional: imported only when on, found missing before any build
     try:
         import wandb
     except ImportError:
         die("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)")
 if mode == 'remora' and mora_kind not in ('auto', *adapters.SHARE_KINDS):
-    die(f"remora switches between share kinds; mora_kind={mora_kind!r} is not one of {' | '.join(adapters.SHARE_KINDS)}")
+    die(f"remora switches between share kinds; mora_kind={mora_kind!r} is not one of "
+        + ' | '.join(adapters.SHARE_KINDS))
 if init_from == 'scratch' and (n_head % n_kv_head or n_embd % n_head):
-    die(f"n_head={n_head} must be a multiple of n_kv_head={n_kv_head}, and n_embd={n_embd} of n_head")
+    die(f"n_head={n_head} must be a multiple of n_kv_head={n_kv_head}, and n_embd={n_embd} of "
+        "n_head")
 if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', device):
     die(f"device={device!r} is not one of auto | cpu | cuda | cuda:<index>")
 if 'cuda' in device and not torch.cuda.is_available():
     die(f"device={device!r} but torch {torch.__version__} sees no CUDA GPU (use --device=cpu)")
 
 # derived settings (after overrides)
-ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun (parallel says how the processes share the model)
+ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun (parallel: how ranks share it)
 if parallel == 'fsdp' and not ddp:
-    die("parallel='fsdp' shards the model over torchrun's processes: torchrun --nproc_per_node=N train.py ...")
+    die("parallel='fsdp' shards the model over torchrun's processes: torchrun --nproc_per_node=N "
+        "train.py ...")
 sharded = ddp and parallel == 'fsdp'
 if ddp:
-    dist.init_process_group(backend='nccl' if torch.cuda.is_available() and device != 'cpu' else 'gloo')
+    backend = 'nccl' if torch.cuda.is_available() and device != 'cpu' else 'gloo'
+    dist.init_process_group(backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if device in ('auto', 'cuda') and torch.cuda.is_available():
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -167,23 +174,27 @@ else:
 master = rank == 0
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 device_type = 'cuda' if 'cuda' in device else 'cpu'
-if dtype == 'auto':  # bf16 autocast where matmuls run natively in bf16: CUDA, and CPUs with AVX-512 BF16 or AMX
-    dtype = 'bfloat16' if (torch.cuda.is_bf16_supported() if device_type == 'cuda' else
-                           torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()) else 'float32'
+if dtype == 'auto':  # bf16 where matmuls run natively in bf16: CUDA, CPUs with AVX-512 BF16 or AMX
+    bf16 = (torch.cuda.is_bf16_supported() if device_type == 'cuda' else
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    dtype = 'bfloat16' if bf16 else 'float32'
 config['dtype'] = dtype  # resolved: eval.py evaluates the run in it, a resume keeps it
 compile = device_type == 'cuda' if compile is None else compile
-if base_dtype == 'auto':  # half only where every base weight stays frozen (full and warm_start train them);
-    # on a CPU also only where nothing merges into it (restarts, boosters), so those merges stay fp32
-    half_ok = mode != 'full' and not warm_start and (torch.cuda.is_bf16_supported() if device_type == 'cuda' else
-                                                     dtype == 'bfloat16' and mode in ('lora', 'mora'))
+if base_dtype == 'auto':  # half only where all base weights stay frozen (full, warm_start train);
+    # on a CPU only where nothing merges into it either (restarts, boosters): their merges stay fp32
+    half_ok = mode != 'full' and not warm_start and (
+        torch.cuda.is_bf16_supported() if device_type == 'cuda' else
+        dtype == 'bfloat16' and mode in ('lora', 'mora'))
     base_dtype = 'bfloat16' if half_ok else 'float32'
 if base_dtype != 'float32' and (mode == 'full' or warm_start):
     die(f"base_dtype={base_dtype!r} stores the frozen base in half precision, but "
-        + ("mode='full'" if mode == 'full' else f"warm_start={warm_start}") + " trains the base weights, which keep "
-        "fp32 master weights: use base_dtype='float32' (or 'auto'; dtype= sets the autocast precision)")
-config['base_dtype'] = base_dtype  # resolved: the base is built, fingerprinted and resumed in this dtype
+        + ("mode='full'" if mode == 'full' else f"warm_start={warm_start}") + " trains the base "
+        "weights, which keep fp32 master weights: use base_dtype='float32' (or 'auto'; dtype= sets "
+        "the autocast precision)")
+config['base_dtype'] = base_dtype  # resolved: the base is built, fingerprinted, resumed in it
 if gradient_accumulation_steps % world:
-    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the process count {world}")
+    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
+        f"process count {world}")
 grad_accum = gradient_accumulation_steps // world
 lr_decay_iters = lr_decay_iters or max_iters
 min_lr = min_lr or learning_rate / 10
@@ -191,10 +202,10 @@ torch.manual_seed(seed)  # the model and adapters: the same on every rank
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
-scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # fp16 gradients underflow unscaled
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # fp16 grads underflow
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)  # flushed: tee and nohup show progress
+log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)  # flushed, for tee
 
 # -----------------------------------------------------------------------------
 # data, base model, adapters
@@ -204,67 +215,80 @@ config['tokenizer'] = tok.spec
 if init_from == 'scratch':
     # pad the vocab to a multiple of 64 for faster matmuls, as nanoGPT does
     config['model_config'] = asdict(ModelConfig(
-        vocab_size=(tok.n_vocab + 63) // 64 * 64, block_size=block_size, n_layer=n_layer, n_head=n_head,
-        n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, rope_theta=rope_theta,
-        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
-model = setup(build_model, config, 'cpu' if sharded else device)  # sharded: each rank moves only its shards
-model.grad_checkpoint, model.loss_chunk = grad_checkpoint, loss_chunk  # read by model.forward in training
+        vocab_size=(tok.n_vocab + 63) // 64 * 64, block_size=block_size, n_layer=n_layer,
+        n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size,
+        rope_theta=rope_theta, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
+model = setup(build_model, config, 'cpu' if sharded else device)  # sharded: ranks move their shards
+model.grad_checkpoint, model.loss_chunk = grad_checkpoint, loss_chunk  # read by forward in training
 if tok.n_vocab > model.config.vocab_size:
-    die(f"tokenizer {tok.spec!r} has {tok.n_vocab} tokens > model vocab_size {model.config.vocab_size} (tokenizer='': the base's)")
+    die(f"tokenizer {tok.spec!r} has {tok.n_vocab} tokens > model vocab_size "
+        f"{model.config.vocab_size} (tokenizer='': the base's)")
 setup(ds.check, model.config.vocab_size, block_size, tok.spec)
 if mode == 'xgblora' and booster_blocks > model.config.n_layer:
-    die(f"booster_blocks={booster_blocks} must be 0 (n_layer // 3) or 1..{model.config.n_layer} (the model's n_layer)")
-base_fingerprint = adapters.base_fingerprint(model.state_dict())
-method = {'full': None, 'lora': 'lora', 'relora': 'lora', 'mora': 'mora', 'remora': 'mora', 'xgblora': 'booster'}[mode]
-kind = mora_kind if mora_kind != 'auto' else 'share' if mode == 'remora' else adapters.default_kind(r)
+    die(f"booster_blocks={booster_blocks} must be 0 (n_layer // 3) or 1..{model.config.n_layer} "
+        "(the model's n_layer)")
+base_fingerprint = checkpoint.base_fingerprint(model.state_dict())
+method = {'full': None, 'lora': 'lora', 'relora': 'lora', 'mora': 'mora', 'remora': 'mora',
+          'xgblora': 'booster'}[mode]
+kind = (mora_kind if mora_kind != 'auto' else 'share' if mode == 'remora' else
+        adapters.default_kind(r))
 if method:
-    adapter_params = setup(adapters.attach, model, method, targets, r=1 if method == 'booster' else r,
-                           alpha=booster_scale if method == 'booster' else alpha, kind=kind, dropout=dropout)
-    # an adapter whose rank (MoRA: r_hat = sqrt((in+out)*r)) exceeds max(in, out) is bigger than the weight it adapts
+    booster = method == 'booster'
+    adapter_params = setup(adapters.attach, model, method, targets, r=1 if booster else r,
+                           alpha=booster_scale if booster else alpha, kind=kind, dropout=dropout)
+    # an adapter whose rank (MoRA: r_hat = sqrt((in+out)*r)) exceeds max(in, out) outgrows W
     limit = min(max(k, d) ** 2 // (k + d) if method == 'mora' else max(k, d) for k, d in
                 ((s['in_features'], s['out_features']) for s in adapters.settings(model).values()))
     if method != 'booster' and r > limit:
-        die(f"r={r} is too large for the adapted layers: allowed 1..{limit} (rank at most max(in, out))")
+        die(f"r={r} is too large for the adapted layers: allowed 1..{limit} (rank at most "
+            "max(in, out))")
 else:
     adapter_params = []
-if sharded:  # from here on the parameters are this rank's shards (DTensors): collect them from the model again
-    fsdp.shard(model, device_type, ptdtype if device_type == 'cuda' and dtype != 'float32' else None, compile)
-    adapter_params = [p for m in model.modules() if getattr(m, 'adapter', None) is not None for p in m.adapter.parameters()]
-# in adapter modes, pretraining from scratch also trains embeddings, norms and head at full rank (never reset)
+if sharded:  # from here on the parameters are this rank's shards (DTensors): collect them again
+    mixed = ptdtype if device_type == 'cuda' and dtype != 'float32' else None
+    fsdp.shard(model, device_type, mixed, compile)
+    adapter_params = [p for m in model.modules() if getattr(m, 'adapter', None) is not None
+                      for p in m.adapter.parameters()]
+# in adapter modes, pretraining from scratch also trains embeddings, norms and head at full rank
 norms = [p for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()]
-rest = list(dict.fromkeys([model.embed_tokens.weight, model.lm_head.weight, *norms]))  # dedup tied embeddings
+rest = list(dict.fromkeys([model.embed_tokens.weight, model.lm_head.weight, *norms]))  # tied: once
 if mode == 'full' or (method and (train_rest or (train_rest is None and init_from == 'scratch'))):
     for p in (model.parameters() if mode == 'full' else rest):
         p.requires_grad_(True)
 rest_params = [p for p in rest if p.requires_grad and mode != 'full']
-if rest_params and base_dtype != 'float32' and dtype == 'float32':  # fp32 embeddings feeding half weights: mixed
-    die(f"base_dtype={base_dtype!r} with trained embeddings, norms and head (train_rest, or init_from='scratch') "
-        f"needs autocast: set dtype='bfloat16' or 'float16', or train_rest=False, or base_dtype='float32'")
-for p in rest_params:  # trained over a half-precision base: fp32 weights (and fp32 AdamW state) all the same
+if rest_params and base_dtype != 'float32' and dtype == 'float32':  # fp32 embeddings, half weights
+    die(f"base_dtype={base_dtype!r} with trained embeddings, norms and head (train_rest, or "
+        "init_from='scratch') needs autocast: set dtype='bfloat16' or 'float16', or "
+        "train_rest=False, or base_dtype='float32'")
+for p in rest_params:  # trained over a half base: fp32 weights (and fp32 AdamW state) all the same
     p.data = p.data.float()
 adapted_weights = [m.weight for m in model.modules() if getattr(m, 'adapter', None) is not None]
-trainable = [p for p in model.parameters() if p.requires_grad] + (adapted_weights if warm_start else [])
+trainable = [p for p in model.parameters() if p.requires_grad]
+trainable += adapted_weights if warm_start else []
 
 
 def hand_over(full_rank):
-    """warm_start: the adapted weights train at full rank (full_rank=True), then the adapters take over."""
+    """warm_start: the adapted weights train at full rank (full_rank=True), then the adapters do."""
     for p in adapted_weights:
         p.requires_grad_(full_rank)
         if not full_rank:
             optimizer.state.pop(p, None)
     for p in adapter_params:
         p.requires_grad_(not full_rank)
-n_train, n_total = sum(p.numel() for p in dict.fromkeys(trainable)), sum(p.numel() for p in model.parameters())
+n_train = sum(p.numel() for p in dict.fromkeys(trainable))
+n_total = sum(p.numel() for p in model.parameters())
 
 # what a checkpoint must hold: every tensor that can differ from the base
 moves_base = mode in ('relora', 'remora', 'xgblora') or warm_start > 0
 saved = {id(p) for p in trainable} | ({id(p) for p in adapted_weights} if moves_base else set())
-saved_keys = [k for k, p in model.state_dict(keep_vars=True).items() if id(p) in saved or mode == 'full']
-saved_keys += list(adapters.adapter_state_dict(model))  # adapter tensors and buffers (booster gates)
+saved_keys = [k for k, p in model.state_dict(keep_vars=True).items()
+              if id(p) in saved or mode == 'full']
+saved_keys += list(adapters.adapter_state_dict(model))  # adapter tensors and buffers (gates)
 
 decay = [p for p in dict.fromkeys(trainable) if p.dim() >= 2]
 no_decay = [p for p in dict.fromkeys(trainable) if p.dim() < 2]
-optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
+optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
+                               {'params': no_decay, 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
 
 torch.manual_seed(seed + rank)  # dropout: each rank its own stream
@@ -273,30 +297,24 @@ if resume:
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(path):
         die(f"no checkpoint at {path} to resume from (drop --resume=True to start a fresh run)")
-    ckpt = setup(load_checkpoint, path)
-    changed = {k: (ckpt['config'].get(k), v) for k, v in config.items()  # model_config: through its shape keys
-               if ckpt['config'].get(k) != v and k not in (*MAY_CHANGE, 'model_config')}
-    if not ckpt['config']['lr_decay_iters'] and ckpt['config']['max_iters'] != max_iters:
-        changed['max_iters'] = (ckpt['config']['max_iters'], max_iters)  # it sets the decay: every LR would change
-    if changed:
-        die(f"cannot resume {out_dir} with a changed config: " + ', '.join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
-            changed.items()) + f" (a resume may change only {', '.join(MAY_CHANGE)}; max_iters only with"
-            f" lr_decay_iters set, else the decay follows it)")
+    ckpt = setup(checkpoint.load_checkpoint, path)
+    if error := checkpoint.resume_error(out_dir, ckpt['config'], config, MAY_CHANGE):
+        die(error)
     if ckpt['base_fingerprint'] != base_fingerprint:
         die(f"{path} was trained on another base than {init_from} (base fingerprint differs)")
-    if mode == 'remora':  # the current kind of a ReMoRA run comes from the checkpoint, never from the config
+    if mode == 'remora':  # a ReMoRA run's current kind comes from the checkpoint, never the config
         kind = next(iter(ckpt['adapters'].values()))['kind']
         adapters.switch_kind_(model, kind)
-    fsdp.load_state(model, optimizer, ckpt['model'], ckpt['optimizer'])  # written by any process count
+    fsdp.load_state(model, optimizer, ckpt['model'], ckpt['optimizer'])  # by any process count
     scaler.load_state_dict(ckpt['scaler'])
     iter_num = ckpt['iter_num']
     if len(ckpt['rng']) == world:  # every rank continues its own dropout stream
         torch.set_rng_state(ckpt['rng'][rank]['torch'])
-        if device_type == 'cuda' and ckpt['rng'][rank]['cuda'] is not None:  # a CPU run may resume on a GPU
+        if device_type == 'cuda' and ckpt['rng'][rank]['cuda'] is not None:  # CPU runs: no cuda
             torch.cuda.set_rng_state(ckpt['rng'][rank]['cuda'])
     else:  # another process count: fresh dropout streams, as from a new seed
         torch.manual_seed(seed + rank + 1000003 * iter_num)
-        log(f"resume: saved by {len(ckpt['rng'])} processes, now {world}: dropout streams re-seeded")
+        log(f"resume: saved by {len(ckpt['rng'])} processes, now {world}: dropout re-seeded")
     del ckpt
 if warm_start:
     hand_over(full_rank=iter_num < warm_start)
@@ -305,12 +323,13 @@ raw_model = model  # uncompiled handle for saving, eval and merges (no _orig_mod
 
 
 def wrap(m):
-    """The model the loop calls: compiled, and under DDP wrapped for the tensors that require grad now.
+    """The model the loop calls: compiled, and under DDP wrapped for the tensors requiring grad now.
     Sharded, the model is its own wrapper: fsdp.shard compiled each block before sharding it."""
     if sharded:
         return m
     m = torch.compile(m) if compile else m
-    return DDP(m, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None) if ddp else m
+    ids = [int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None
+    return DDP(m, device_ids=ids) if ddp else m
 
 
 model = wrap(raw_model)
@@ -319,13 +338,14 @@ model = wrap(raw_model)
 def envelope(it, start, peak):
     """Decay from peak at step start to min_lr at lr_decay_iters (cosine, linear or constant)."""
     ratio = min(1.0, (it - start) / max(lr_decay_iters - start, 1))
-    coeff = {'cosine': 0.5 * (1 + math.cos(math.pi * ratio)), 'linear': 1 - ratio, 'constant': 1.0}[decay_lr]
+    coeff = {'cosine': 0.5 * (1 + math.cos(math.pi * ratio)), 'linear': 1 - ratio,
+             'constant': 1.0}[decay_lr]
     return peak if decay_lr == 'constant' else min_lr + coeff * (peak - min_lr)
 
 
 def get_lr(it):
-    """LR at optimizer step it: linear warmup, then the envelope; restart modes drop to 0 at each merge and
-    re-warm linearly over restart_warmup steps back onto it (SPEC 3). A pure function of it and the config."""
+    """LR at optimizer step it: linear warmup, then the envelope; restart modes drop to 0 at each
+    merge and re-warm linearly over restart_warmup steps back onto it (SPEC 3). A pure function."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     first = warm_start + merge_every  # step of the first restart
@@ -334,8 +354,8 @@ def get_lr(it):
     last = warm_start + (it - warm_start) // merge_every * merge_every  # step of the latest restart
     if lr_envelope == 'jagged':  # ReLoRA: one global envelope, cut to 0 at each restart
         return rewarmed(it, last, lambda t: envelope(t, warmup_iters, learning_rate))
-    # MoRA code: each period decays afresh from the LR the run had just before its restart (a loop, not a
-    # recursion: runs have thousands of restarts)
+    # MoRA code: each period decays afresh from the LR the run had just before its restart (a loop,
+    # not a recursion: runs have thousands of restarts)
     peak = get_lr(first - 1)
     for start in range(first, last, merge_every):
         peak = rewarmed(start + merge_every - 1, start, lambda t: envelope(t, start, peak))
@@ -343,64 +363,63 @@ def get_lr(it):
 
 
 def rewarmed(it, last, target):
-    """target's LR at step it, ramped linearly from 0 over the restart_warmup steps after the restart at last."""
+    """target's LR at step it, ramped linearly from 0 over restart_warmup steps after a restart."""
     k = it - last
-    return target(it) if k >= restart_warmup else target(last + restart_warmup) * (k + 1) / (restart_warmup + 1)
+    if k >= restart_warmup:
+        return target(it)
+    return target(last + restart_warmup) * (k + 1) / (restart_warmup + 1)
 
 
 def boosters_at(it):
-    """XGBLoRA: the blocks booster it // booster_steps trains, sampled without replacement from its own seed."""
-    n = booster_blocks or max(1, raw_model.config.n_layer // 3)
-    return set(random.Random(seed * 100003 + it // booster_steps).sample(range(raw_model.config.n_layer), n))
+    """XGBLoRA: the blocks booster it // booster_steps trains, drawn without replacement."""
+    L = raw_model.config.n_layer
+    return set(random.Random(seed * 100003 + it // booster_steps).sample(range(L), booster_blocks
+                                                                         or max(1, L // 3)))
 
 
 def reinit_generator(it):
-    """The adapter draws of the restart or booster merge at step it: rank-independent, so every rank draws alike."""
+    """The adapter draws of the restart or booster merge at step it, the same on every rank."""
     return torch.Generator(device).manual_seed(seed * 1000003 + it)
 
 
 def reset_state(params):
-    """Fresh optimizer state for these tensors only (moments and step), or ReLoRA's 99% magnitude prune."""
+    """Fresh optimizer state for these tensors only (moments, step), or ReLoRA's 99% prune."""
     for p in params:
         if optimizer_reset == 'prune' and p in optimizer.state:
             for key in ('exp_avg', 'exp_avg_sq'):
-                m = optimizer.state[p][key]  # the threshold of the whole tensor, also when it is sharded
-                m.mul_(m.abs() > fsdp.full(m).abs().flatten().kthvalue(max(1, int(0.99 * m.numel()))).values.item())
+                m = optimizer.state[p][key]  # the threshold of the whole tensor, even if sharded
+                q = fsdp.full(m).abs().flatten().kthvalue(max(1, int(0.99 * m.numel()))).values
+                m.mul_(m.abs() > q.item())
+                m.mul_(m.abs() > q)
         else:
             optimizer.state.pop(p, None)
 
 
 def rng_states():
-    """Every rank's RNG states, gathered (a collective: all ranks call it); rank i resumes from entry i."""
-    state = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    """Every rank's RNG states, gathered (a collective: all ranks call it); rank i resumes i."""
+    state = {'torch': torch.get_rng_state(),
+             'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
     states = [None] * world
     dist.all_gather_object(states, state) if ddp else states.__setitem__(0, state)
     return states
 
 
-def save_checkpoint(rng):
-    """Atomic write (temp file, fsync, os.replace) of everything resume needs, from the uncompiled model.
-    Sharded: every rank gathers (a collective), rank 0 writes the file one process would.
-    Returns None, or the error line of a failed write (disk full), which leaves ckpt.pt as it was."""
+def save(rng):
+    """Everything resume needs, from the uncompiled model, saved atomically (save_checkpoint).
+    Sharded: every rank gathers (a collective), rank 0 writes the file one process would. Returns
+    None, or the error line of a failed write (disk full), which leaves ckpt.pt as it was."""
     model_sd, optim_sd = fsdp.gather_state(raw_model, optimizer, saved_keys)
-    if not master:
-        return None
-    ckpt = {'model': model_sd, 'optimizer': optim_sd, 'config': config,
-            'iter_num': iter_num, 'adapters': adapters.settings(raw_model) if method else None,
-            'base_fingerprint': base_fingerprint, 'scaler': scaler.state_dict(), 'rng': rng}
-    tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
-    try:  # torch.save's zip writer reports a full disk as a RuntimeError, not an OSError
-        torch.save(ckpt, tmp)
-        replace_atomically(tmp, os.path.join(out_dir, 'ckpt.pt'))
-    except (OSError, RuntimeError) as e:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        return f"could not write {tmp} ({e}); {out_dir}/ckpt.pt still holds the previous checkpoint"
+    if master:
+        return checkpoint.save_checkpoint({
+            'model': model_sd, 'optimizer': optim_sd, 'config': config, 'iter_num': iter_num,
+            'adapters': adapters.settings(raw_model) if method else None,
+            'base_fingerprint': base_fingerprint, 'scaler': scaler.state_dict(), 'rng': rng},
+            out_dir)
 
 
 def everyone(error):
-    """End every rank on rank 0's error (a failed save, a diverged eval): alone, the others would wait in their
-    next collective forever. All ranks call it at the same point; one error line, exit 2."""
+    """End every rank on rank 0's error (a failed save, a diverged eval): alone, the others would
+    wait in their next collective forever. All ranks call it at one point: one error line, exit 2"""
     if ddp:
         box = [error]
         dist.broadcast_object_list(box)
@@ -412,12 +431,10 @@ def everyone(error):
 
 
 def write_metrics(row):
-    if not master:
-        return
-    with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
-        f.write(json.dumps(row) + '\n')
-    if wandb_log:  # the same rows, keyed by step
-        wandb.log(row, step=row['iter'])
+    if master:
+        checkpoint.append_metrics(out_dir, row)
+        if wandb_log:  # the same rows, keyed by step
+            wandb.log(row, step=row['iter'])
 
 
 # -----------------------------------------------------------------------------
@@ -426,49 +443,35 @@ stop_requested = False
 
 def request_stop(signum, frame):
     global stop_requested
-    stop_requested = True  # acted on at the next step boundary, so the checkpoint resumes bit-exactly
+    stop_requested = True  # acted on at the next step boundary: the checkpoint resumes bit-exactly
 
 
 signal.signal(signal.SIGINT, request_stop)
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    try:
-        sha = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        sha = ''
-    log(f"torch {torch.__version__} | device {device} | dtype {dtype} | compile {compile} | world {world} | git {sha or '?'}")
+    sha = checkpoint.write_config(out_dir, config, CODE)  # with the hash of the code that ran
+    log(f"torch {torch.__version__} | device {device} | dtype {dtype} | compile {compile} | "
+        f"world {world} | git {sha or '?'}")
     log("config: " + json.dumps({k: v for k, v in config.items() if k != 'model_config'}))
-    log(f"trainable params: {n_train:,} / {n_total:,} ({100 * n_train / n_total:.2f}%) | tokens per iter: {tokens_per_iter:,}")
+    log(f"trainable params: {n_train:,} / {n_total:,} ({100 * n_train / n_total:.2f}%) | "
+        f"tokens per iter: {tokens_per_iter:,}")
     if note:
         log(f"note: {note}")
     if method == 'booster':
         log(f"xgblora: {n_train:,} booster params on {len(adapted_weights)} layers, "
             f"~{n_train * len(boosters_at(0)) // raw_model.config.n_layer:,} trained per booster")
-    # with the code that ran: a copied checkout's git hash can lag its working tree, the files' hash cannot
-    code = hashlib.sha256(b''.join(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), 'rb').read()
-                                   for name in CODE)).hexdigest()[:16]
-    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-        json.dump({**config, 'git': sha, 'code_sha256': code}, f, indent=1)
     if wandb_log:
-        wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)),
-                   config=config)
-    # a fresh run starts a new log; a resumed one drops what was logged past its checkpoint (that eval is redone)
-    path = os.path.join(out_dir, 'metrics.jsonl')
-    keep = lambda row: resume and (row['iter'] < iter_num or (row['iter'] == iter_num and 'val_loss' not in row))
-    rows = [line for line in open(path) if keep(json.loads(line))] if os.path.exists(path) else []
-    with open(path, 'w') as f:
-        f.writelines(rows)
+        name = wandb_run_name or os.path.basename(os.path.abspath(out_dir))
+        wandb.init(project=wandb_project, name=name, config=config)
+    checkpoint.start_metrics(out_dir, resume, iter_num)
 pairs = memory_pairs(ds, char_acc_pairs)
-flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter * (1 if mode == 'full' else 2 / 3)
-# dense bf16 peaks; a GPU matches by whole words of its name ('NVIDIA A100-SXM4-80GB'): 'L4' is no L40S, 'A10' no A10G
-peak_flops = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'L4': 121e12,
-              'A10': 125e12, '4090': 165e12}
-gpu_words = set(re.split(r'[\s-]+', torch.cuda.get_device_name(device))) if device_type == 'cuda' else set()
-peak = next((v for k, v in peak_flops.items() if set(k.split()) <= gpu_words), None)
+flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
+flops_per_iter *= 1 if mode == 'full' else 2 / 3  # adapters: no weight-gradient matmuls
+peak = peak_flops(device) if device_type == 'cuda' else None
 if method == 'booster':
     adapters.set_gates_(raw_model, boosters_at(iter_num))
     boosters = [(int(name.split('.')[1]), m.adapter) for name, m in raw_model.named_modules()
-                if getattr(m, 'adapter', None) is not None]  # (block index, booster) of every layers.<i>.* module
+                if getattr(m, 'adapter', None) is not None]  # (block index, booster) of layers.i.*
 t_start = t_log = time.time()  # t_log: start of the log interval
 t_eval = 0.0  # seconds of the log interval spent in evals (not counted in ms/iter)
 stop = False  # every rank's decision to stop after this step (a Ctrl-C on any of them)
@@ -479,29 +482,34 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         t_eval -= time.time()
         rng, error = rng_states(), None
-        if master or sharded:  # sharded, every rank evals (the forward gathers each block); rank 0 logs and writes
-            # adapters folded into a copy, in the autocast dtype (eval.inference_model); sharded: the model as it is
-            m = raw_model if sharded else inference_model(raw_model, ptdtype if dtype != 'float32' else None)
-            row = {'iter': iter_num, 'val_loss': estimate_loss(m, ds, 'val', batch_size, block_size, eval_iters, device, ctx)}
+        if master or sharded:  # sharded, every rank evals (the forward gathers blocks); rank 0 logs
+            # a copy with the adapters folded in, in the autocast dtype; sharded: the model as it is
+            m = raw_model if sharded else inference_model(raw_model,
+                                                          None if dtype == 'float32' else ptdtype)
+            val = estimate_loss(m, ds, 'val', batch_size, block_size, eval_iters, device, ctx)
+            row = {'iter': iter_num, 'val_loss': val}
             if pairs:
                 row['char_acc'] = char_accuracy(m, tok, pairs, device, ctx)
             del m
-            evals = f"val loss {row['val_loss']:.4f}" + (f" | char_acc {100 * row['char_acc']:.1f}%" if pairs else '')
+            evals = f"val loss {row['val_loss']:.4f}" + (f" | char_acc {100 * row['char_acc']:.1f}%"
+                                                        if pairs else '')
             log(f"eval {iter_num} | {evals}")
             write_metrics(row)
-            if iter_num > 0 and not eval_only:  # never replace the last good checkpoint with a diverged model
-                error = (save_checkpoint(rng) if math.isfinite(row['val_loss']) else
-                         f"non-finite val loss at iter {iter_num}; not saved, {out_dir}/ckpt.pt keeps the last good state")
+            if iter_num > 0 and not eval_only:  # never replace the last good checkpoint by bad
+                error = save(rng) if math.isfinite(row['val_loss']) else (
+                    f"non-finite val loss at iter {iter_num}; not saved, {out_dir}/ckpt.pt keeps "
+                    "the last good state")
         everyone(error)
         t_eval += time.time()
     if iter_num >= max_iters or eval_only or stop:
         break
-    if warm_start and iter_num == warm_start:  # full-rank warm start over: freeze the base, hand over to adapters
+    if warm_start and iter_num == warm_start:  # full-rank warm start over: freeze the base
         hand_over(full_rank=False)
         model = wrap(raw_model)  # DDP reduces the gradients of what required grad when it was built
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        x, y = ds.get_batch('train', batch_size, block_size, seed, iter_num, micro, grad_accum, rank, world)
+        x, y = ds.get_batch('train', batch_size, block_size, seed, iter_num, micro, grad_accum,
+                            rank, world)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if sharded:  # reduce-scatter only on the last micro-step
             model.set_requires_gradient_sync(micro == grad_accum - 1)
@@ -511,7 +519,7 @@ while True:
             _, loss = model(x, y)
         scaler.scale(loss / grad_accum).backward()
         loss_sum += loss.detach()
-    if method == 'booster':  # unsampled boosters: no grad at all, so AdamW (decay included) leaves them alone
+    if method == 'booster':  # unsampled boosters: no grad at all, so AdamW (and decay) leaves them
         active = boosters_at(iter_num)
         for i, b in boosters:
             if i not in active:
@@ -519,17 +527,18 @@ while True:
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-    scaler.step(optimizer)  # = optimizer.step() unless dtype is float16: then unscaled, skipped on inf/nan grads
+    scaler.step(optimizer)  # = optimizer.step() unless float16: unscaled, skipped on inf/nan grads
     scaler.update()
-    if iter_num == 0:  # once, while gradients and optimizer state both exist (sharded: this rank's shards)
-        log("state bytes per process: " + " | ".join(f"{k} {v:,}" for k, v in fsdp.state_bytes(raw_model, optimizer).items()))
+    if iter_num == 0:  # once, while gradients and optimizer state both exist (sharded: this rank's)
+        state = fsdp.state_bytes(raw_model, optimizer)
+        log("state bytes per process: " + " | ".join(f"{k} {v:,}" for k, v in state.items()))
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
 
-    # merge-and-restart (SPEC 3) and booster boundaries (SPEC 4): every state change of a run is here
+    # merge-and-restart (SPEC 3) and booster boundaries (SPEC 4): every state change of a run
     if restarts and iter_num > warm_start and (iter_num - warm_start) % merge_every == 0:
         fsdp.merge_(raw_model)  # W <- W + dW in fp32 (sharded: each rank its own rows)
-        fsdp.reinit_(raw_model, reinit_generator(iter_num))  # same Parameter objects: LoRA A Kaiming, B = 0; MoRA M = 0
+        fsdp.reinit_(raw_model, reinit_generator(iter_num))  # same Parameters: B = 0, M = 0
         if mode == 'remora':
             kind = adapters.next_kind(kind, remora_cycle)
             adapters.switch_kind_(raw_model, kind)
@@ -542,44 +551,49 @@ while True:
         fsdp.reinit_(raw_model, reinit_generator(iter_num))
         reset_state(adapter_params)
         adapters.set_gates_(raw_model, boosters_at(iter_num))
-        log(f"booster {iter_num // booster_steps}: merged, now training blocks {sorted(boosters_at(iter_num))}")
+        log(f"booster {iter_num // booster_steps}: merged, now training blocks "
+            f"{sorted(boosters_at(iter_num))}")
 
     stop = stop_requested  # a Ctrl-C during this step: stop after it
-    if ddp:  # one decision on every rank: the global batch's loss, and a Ctrl-C on any rank stops all at this step
+    if ddp:  # one decision on every rank: the global batch's loss; a Ctrl-C on any rank stops all
         flags = torch.stack([loss_sum, torch.tensor(float(stop), device=device)])
-        dist.all_reduce(flags)  # (on CUDA the .item() below syncs every step: the price of stopping together)
+        dist.all_reduce(flags)  # (on CUDA .item() below syncs each step: the price of one decision)
         loss_sum, stop = flags[0] / world, flags[1].item() > 0
-    # a non-finite loss stops the run before any save, so ckpt.pt keeps the last good state. .item() waits for the
-    # device: on CUDA that sync would stall every step, so check at log intervals only, where the log line syncs anyway
-    if (device_type == 'cpu' or iter_num % log_interval == 0) and not math.isfinite(loss_sum.item()):
-        everyone(f"non-finite loss at iter {iter_num}; {out_dir}/ckpt.pt keeps the last good state (lower learning_rate?)")
+    # a non-finite loss stops the run before any save, so ckpt.pt keeps the last good state. .item()
+    # waits for the device: on CUDA that stalls each step, so check at log intervals (logs sync)
+    if device_type == 'cpu' or iter_num % log_interval == 0:
+        if not math.isfinite(loss_sum.item()):
+            everyone(f"non-finite loss at iter {iter_num}; {out_dir}/ckpt.pt keeps the last good "
+                     "state (lower learning_rate?)")
     if iter_num % log_interval == 0 and master:
         loss_val = loss_sum.item() / grad_accum
         dt = (time.time() - t_log - t_eval) / log_interval  # .item() above waited for the device
         t_log, t_eval = time.time(), 0.0
         eta = dt * (max_iters - iter_num)
-        # peak memory so far: CUDA tensors, or the process's peak RSS on the CPU (ru_maxrss is KiB on Linux)
+        # peak memory so far: CUDA tensors, or the process's peak RSS on the CPU (ru_maxrss: KiB)
+        kib = 1 if sys.platform == 'darwin' else 1024
         mem = torch.cuda.max_memory_allocated(device) if device_type == 'cuda' else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
-        row = {'iter': iter_num, 'loss': loss_val, 'lr': lr, 'ms': 1000 * dt, 'tok_s': tokens_per_iter / dt,
-               'mem_mb': mem / 2**20}
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib
+        row = {'iter': iter_num, 'loss': loss_val, 'lr': lr, 'ms': 1000 * dt,
+               'tok_s': tokens_per_iter / dt, 'mem_mb': mem / 2**20}
         if peak:
             row['mfu'] = flops_per_iter / dt / peak
-        log(f"iter {iter_num} | loss {loss_val:.4f} | lr {lr:.1e} | {1000 * dt:.1f} ms | {row['tok_s'] / 1e3:.1f}k tok/s"
-            + (f" | mfu {100 * row['mfu']:.1f}%" if peak else '') + f" | mem {row['mem_mb']:.0f} MB | eta {eta / 60:.1f}m")
+        log(f"iter {iter_num} | loss {loss_val:.4f} | lr {lr:.1e} | {1000 * dt:.1f} ms | "
+            f"{row['tok_s'] / 1e3:.1f}k tok/s" + (f" | mfu {100 * row['mfu']:.1f}%" if peak else '')
+            + f" | mem {row['mem_mb']:.0f} MB | eta {eta / 60:.1f}m")
         write_metrics(row)
 
 if stop:
     rng = rng_states()
-    everyone(save_checkpoint(rng) if master or sharded else None)
+    everyone(save(rng) if master or sharded else None)
     log(f"interrupted: saved {out_dir}/ckpt.pt at iter {iter_num}; continue with --resume=True")
 elif master and not eval_only:
-    log(f"done: {iter_num} iters in {(time.time() - t_start) / 60:.1f} min | {evals} | checkpoint {out_dir}/ckpt.pt"
-        + (f"\nnote: {note}" if note else ''))
+    log(f"done: {iter_num} iters in {(time.time() - t_start) / 60:.1f} min | {evals} | checkpoint "
+        f"{out_dir}/ckpt.pt" + (f"\nnote: {note}" if note else ''))
 if wandb_log and master:
     wandb.finish()
 if ddp:
-    dist.barrier()  # teardown together: a rank that leaves while rank 0 still evals and saves aborts gloo
+    dist.barrier()  # teardown together: a rank leaving while rank 0 still evals, saves aborts gloo
     dist.destroy_process_group()
 if stop:
     sys.exit(130)

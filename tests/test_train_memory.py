@@ -116,8 +116,9 @@ def test_dtype_auto_follows_the_cpu_and_eval_py_evaluates_in_it(bf16_cpu, stream
     out = tmp_path / 'run'
     run_train([f'--dataset={stream_ds}', '--max_iters=2', '--eval_interval=2', '--dtype=auto', *MODE_ARGS['mora']],
               out)
-    with open(out / 'config.json') as f:
-        assert json.load(f)['dtype'] == ('bfloat16' if bf16_cpu else 'float32')
+    with open(out / 'config.json') as f:  # and base_dtype=auto follows: a bf16 base for mora under bf16
+        config = json.load(f)
+    assert config['dtype'] == config['base_dtype'] == ('bfloat16' if bf16_cpu else 'float32')
     logged = [m['val_loss'] for m in metrics(out) if 'val_loss' in m][-1]
     capsys.readouterr()
     argv, sys.argv = sys.argv, ['eval.py', f'--out_dir={out}', '--eval_iters=2']  # the run's
@@ -126,8 +127,8 @@ def test_dtype_auto_follows_the_cpu_and_eval_py_evaluates_in_it(bf16_cpu, stream
     finally:
         sys.argv = argv
     assert f"val loss {logged:.4f}" in capsys.readouterr().out
-    fp32 = evaluate.estimate_loss(evaluate.inference_model(evaluate.load_run(out)[0]), Dataset(stream_ds), 'val', 4,
-                                  32, 2, 'cpu')
+    fp32 = evaluate.inference_model(evaluate.load_run(out)[0], torch.float32)  # every matmul weight in fp32
+    fp32 = evaluate.estimate_loss(fp32, Dataset(stream_ds), 'val', 4, 32, 2, 'cpu')
     assert (f"{fp32:.4f}" != f"{logged:.4f}") == bf16_cpu  # bf16 numbers are not fp32's: the check can tell
 
 
