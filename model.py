@@ -89,11 +89,11 @@ def apply_rope(x, cos, sin):
 
 
 def attention(q, k, v, mask=None):
-    """softmax(q kᵀ / √hd, causal or mask) v for (B, nh, T, hd) inputs. On a GPU: SDPA's fused kernels. On a CPU:
-    the same formula written out in fp32 (autocast off), which at these sequence lengths ran 2-7x faster than
-    SDPA's CPU flash kernel, backward the most (bench.py --what attention)."""
+    """softmax(q kᵀ / √hd, causal or mask) v for (B, nh, T, hd) inputs. On a GPU: SDPA's fused kernels. On a CPU
+    up to 512 keys: the formula written out in fp32 (autocast off), which at short sequences ran several times
+    faster than SDPA's CPU flash kernel, backward the most (bench.py --what attention)."""
     causal = mask is None and q.size(2) > 1
-    if q.device.type != 'cpu':
+    if q.device.type != 'cpu' or k.size(2) > 512:  # long: the (T, T') scores would outweigh the activations
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     with torch.autocast('cpu', enabled=False):
         att = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T')
