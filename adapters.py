@@ -215,7 +215,7 @@ class LoRA(_Adapter):
 
 class MoRA(_Adapter):
     """Δh = mora_forward(dropout(x), M, d, kind), M (r_hat, r_hat) = 0; r: the LoRA-equivalent rank
-    that r_hat came from. The branch runs in M's dtype, its output in x's. kw: device, dtype."""
+    that r_hat came from. Output in x's dtype. kw: device, dtype."""
 
     def __init__(self, in_features, out_features, r_hat, kind, r=None, dropout=0.0, **kw):
         _check(r_hat, in_features, out_features, kind)
@@ -226,9 +226,9 @@ class MoRA(_Adapter):
     def fresh(self, generator=None) -> dict:  # init values: M = 0
         return {"M": torch.zeros(self.M.shape, device=self.M.device, dtype=self.M.dtype)}
 
-    def forward(self, x):
-        y = mora_forward(self.dropout(x).to(self.M.dtype), self.M, self.out_features, self.kind)
-        return y.to(x.dtype)
+    def forward(self, x):  # in M's dtype (fp32), but under autocast in its dtype, as the base layer
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.M.dtype)
+        return mora_forward(self.dropout(h), self.M, self.out_features, self.kind).to(x.dtype)
 
 def _adapted(model):  # (name, Linear) of every adapted layer, in module order
     return [(n, m) for n, m in model.named_modules() if getattr(m, "adapter", None) is not None]

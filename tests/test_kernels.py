@@ -123,3 +123,34 @@ def test_rope_backward_runs_in_the_autocast_dtype():
     A.mora_forward(ref_x, ref_M, 40, 'rope').pow(2).sum().backward()  # fp32: equal to bf16 precision
     for a, b in ((x.grad, ref_x.grad), (M.grad, ref_M.grad)):
         assert (a - b).norm() <= 0.05 * b.norm()
+
+
+def test_mora_branch_stays_in_the_autocast_dtype():
+    """A MoRA layer under bf16 autocast takes the bf16 activation as it is (no fp32 copy of x in, no cast of
+    its output back: the casts cost more than the branch's bmms on a CPU); without autocast the branch runs in
+    M's fp32 and returns x's dtype."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.up = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.dtype == torch.float32 and out.dim() == 2 \
+                    and out.shape[1] == 40:
+                self.up += 1  # an fp32 copy of the (N, 40) activation or its gradient
+            return out
+
+    layer = A.MoRA(40, 40, 16, 'rope')
+    torch.nn.init.normal_(layer.M)
+    x = torch.randn(5, 40).bfloat16().requires_grad_()
+    casts = Casts()
+    with casts:
+        with torch.autocast('cpu', torch.bfloat16):
+            y = layer(x)
+        y.sum().backward()
+    assert y.dtype == torch.bfloat16 and casts.up == 0 and layer.M.grad.dtype == torch.float32
+    y32 = layer(x.detach())  # no autocast: fp32 inside, bf16 out
+    assert y32.dtype == torch.bfloat16 and (y32.float() - y.float()).abs().max() < 0.1 * y.float().abs().max()
