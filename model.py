@@ -343,12 +343,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, targets.numel(), chunk):
             hc, t = h[i:i + chunk], targets[i:i + chunk]
             z = F.linear(hc, weight)  # (n, vocab) in the matmul dtype
-            logits, keep = z.float(), (t != -100)[:, None]
-            lse = logits.logsumexp(-1, keepdim=True)
+            logp, keep = z.log_softmax(-1, dtype=torch.float32), (t != -100)[:, None]
             t = t.clamp(min=0)[:, None]  # ignored rows: any valid id, masked out below
-            total += ((lse - logits.gather(1, t)) * keep).sum()
+            total -= (logp.gather(1, t) * keep).sum()
             if need_h or need_w:
-                G = logits.sub_(lse).exp_().scatter_add_(1, t, -torch.ones_like(lse)).mul_(keep).to(z.dtype)
+                G = logp.exp_().scatter_add_(1, t, -torch.ones_like(t, dtype=logp.dtype)).mul_(keep).to(z.dtype)
                 if need_h:
                     dh[i:i + chunk] = G @ weight.to(z.dtype)
                 if need_w:
