@@ -1,0 +1,7 @@
+# Table 2 in miniature: MoRA r8 rope (the paper's kind at small r), r_hat 45 / 61, ~78.8k params (config/_mini.py).
+# $ python train.py config/mini_mora.py
+exec(open('config/_mini.py').read())
+out_dir = 'out/mini_mora'
+mode = 'mora'
+mora_kind = 'rope'
+learning_rate = 1e-3
