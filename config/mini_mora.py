@@ -1,4 +1,5 @@
-# Table 2 in miniature: MoRA r8 rope (the paper's kind at small r), r_hat 45 / 61, ~78.8k params (config/_mini.py).
+# Table 2 in miniature: MoRA r8 rope (the paper's kind at small r) at LoRA r8's budget
+# (config/_mini.py).
 # $ python train.py config/mini_mora.py
 exec(open('config/_mini.py').read())
 out_dir = 'out/mini_mora'

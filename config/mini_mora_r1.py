@@ -1,4 +1,4 @@
-# Table 2 in miniature at the paper's small ratio: MoRA r1 rope, r_hat 16 / 21, ~9.9k params, 5 pairs
+# Table 2 in miniature at the paper's small ratio: MoRA r1 rope at LoRA r1's budget, 5 pairs
 # (python data/memory/prepare.py --tokenizer=byte --n_pairs=5 --seed=1).
 # $ python train.py config/mini_mora_r1.py
 exec(open('config/_mini.py').read())

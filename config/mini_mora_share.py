@@ -1,4 +1,5 @@
-# Table 2 in miniature: MoRA r8 share (the paper's kind at large r) at the same budget (config/_mini.py).
+# Table 2 in miniature: MoRA r8 share (the paper's kind at large r) at LoRA r8's budget
+# (config/_mini.py).
 # $ python train.py config/mini_mora_share.py
 exec(open('config/_mini.py').read())
 out_dir = 'out/mini_mora_share'

@@ -1,4 +1,5 @@
-# Table 2 in miniature: ReMoRA r8, share <-> share_group, a merge every 100 of the 400 steps (config/_mini.py).
+# Table 2 in miniature: ReMoRA r8, share <-> share_group, a merge every 100 of the 400 steps
+# (config/_mini.py).
 # $ python train.py config/mini_remora.py
 exec(open('config/_mini.py').read())
 out_dir = 'out/mini_remora'

@@ -1,4 +1,5 @@
-# Table 2 in miniature: XGBLoRA, rank-1 boosters on 1 of the 4 blocks (L/3), 50 steps each: 8 boosters.
+# Table 2 in miniature: XGBLoRA, rank-1 boosters on 1 of the 4 blocks (L/3), 50 steps each:
+# 8 boosters in 400 steps (config/_mini.py).
 # $ python train.py config/mini_xgblora.py
 exec(open('config/_mini.py').read())
 out_dir = 'out/mini_xgblora'

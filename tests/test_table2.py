@@ -1,5 +1,6 @@
-"""table2.py, MoRA Table 2 in miniature: the protocol's LR selection on fake results, the base config through
-train.py, and the whole orchestration (--dry_run: every config/mini_* run through the real train.py, tiny base)."""
+"""table2.py, MoRA Table 2 in miniature: the protocol's LR selection on fake results, the base's
+config through train.py, and the whole orchestration (--dry_run: every config/mini_* method through
+the real train.py on a tiny random base)."""
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import table2  # noqa: E402
 
 
 def fake_run(results, name, accs, val_loss=1.0):
-    """A finished run's files as run_all copies them: char acc at steps 0, 100, ... and the config's max_iters."""
+    """A finished run's files as run_all copies them: char acc at steps 0, 100, ..., max_iters."""
     os.makedirs(os.path.join(results, name))
     with open(os.path.join(results, name, 'metrics.jsonl'), 'w') as f:
         for i, a in enumerate(accs):
@@ -22,36 +23,40 @@ def fake_run(results, name, accs, val_loss=1.0):
 
 
 def test_best_lr_brackets_the_optimum(tmp_path):
-    """The grid first; a best at an edge asks for the next x3 point (3e-2 -> 9e-2), an interior best ends it;
-    step 0 does not count, a tie within 0.1 pt goes to the lower final val loss."""
+    """The grid first; a best at an edge asks for the next x3 point (3e-2 -> 9e-2), an interior best
+    ends it; step 0 does not count; equal to 0.1 pt, the lower final val loss wins."""
     res = str(tmp_path)
     assert table2.best_lr(res, 'lora_r8') == (None, list(table2.GRID))
     for lr, acc in zip(table2.GRID, (0.1, 0.2, 0.3, 0.4, 0.5)):
-        fake_run(res, table2.run_name('lora_r8', lr), [0.9, acc, acc])  # step 0 at 0.9 must not matter
+        fake_run(res, table2.run_name('lora_r8', lr), [0.9, acc, acc])  # step 0 must not count
     assert table2.best_lr(res, 'lora_r8') == (None, [9e-2])
     fake_run(res, table2.run_name('lora_r8', 9e-2), [0.0, 0.45, 0.45])
     assert table2.best_lr(res, 'lora_r8') == (3e-2, [])
-    for lr, acc, loss in ((3e-4, 0.3, 1.0), (1e-3, 0.3, 0.5), (3e-3, 0.2, 0.1), (1e-2, 0.1, 1.0), (3e-2, 0.1, 1.0)):
+    for lr, acc, loss in ((3e-4, 0.3, 1.0), (1e-3, 0.3, 0.5), (3e-3, 0.2, 0.1), (1e-2, 0.1, 1.0),
+                          (3e-2, 0.1, 1.0)):
         fake_run(res, table2.run_name('full', lr), [0.0, acc, acc], val_loss=loss)
-    assert table2.best_lr(res, 'full') == (1e-3, [])  # the tie with 3e-4 goes to the lower val loss
+    assert table2.best_lr(res, 'full') == (1e-3, [])  # level with 3e-4: the lower val loss
     fake_run(res, table2.run_name('xgblora', 3e-4), [0.0, 0.2, 0.2])
     assert table2.best_lr(res, 'xgblora')[0] is None  # an unfinished grid has no best yet
 
 
 def test_mini_base_config_runs(tmp_path, monkeypatch):
-    """The base's config, its data swapped for a tiny byte stream: 8 steps, the val loss falls from ~ln(258)."""
+    """The base's config, its data swapped for a tiny byte stream: 8 steps, the val loss falls from
+    the untrained model's ~ln(258)."""
     monkeypatch.chdir(ROOT)
-    run_train(['config/mini_base.py', f'--dataset={write_stream(tmp_path / "stream")}', '--max_iters=8',
-               '--eval_interval=8', '--eval_iters=1', '--batch_size=4', '--warmup_iters=2'], tmp_path / 'run',
-              tiny=False)
+    stream = write_stream(tmp_path / 'stream')
+    run_train(['config/mini_base.py', f'--dataset={stream}', '--max_iters=8', '--eval_interval=8',
+               '--eval_iters=1', '--batch_size=4', '--warmup_iters=2'], tmp_path / 'run', tiny=False)
     val = [r['val_loss'] for r in metrics(tmp_path / 'run') if 'val_loss' in r]
     assert val[0] > 5.0 and val[-1] < val[0] - 0.5, val
 
 
 def test_dry_run_runs_every_method():
-    """--dry_run: a tiny base, every method's config for 4 steps through train.py, results copied, the table."""
-    r = subprocess.run([sys.executable, 'table2.py', '--dry_run'], cwd=ROOT, capture_output=True, text=True)
+    """--dry_run: a tiny base, each method's config for 4 steps through train.py, results, table."""
+    r = subprocess.run([sys.executable, 'table2.py', '--dry_run'], cwd=ROOT, capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    table = r.stdout.split("char acc %, each config's LR, seed 1")[1].strip().splitlines()
-    assert [line.split()[0] for line in table] == list(table2.METHODS)
-    assert all('@2' in line and '@4' in line for line in table), table
+    table = r.stdout.split("each config's LR (the sweep's best), seed 1")[1].strip().splitlines()
+    assert [line.split()[0] for line in table[:-1]] == list(table2.METHODS)
+    assert all('@0' in line and '@2' in line and '@4' in line for line in table[:-1]), table
+    assert table[-1].startswith('total')
