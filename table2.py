@@ -152,19 +152,26 @@ def setup(args, pairs):
 
 
 def table(results, rows, title):
-    """rows: [(label, [run names])] -> char acc % at each eval, mean ± std over the runs found."""
+    """rows: [(label, [run names])] -> a Markdown table of char acc % at each eval, mean ± std over
+    the runs found."""
     print(f"\n{title}")
+    header = False
     for label, names in rows:
         found = [e for e in (evals(results, n) for n in names) if e]
         if not found:
-            print(f"{label:>24}  (not run)")
+            print(f"| {label} | not run |")
             continue
+        if not header:
+            steps = [r['iter'] for r in found[0]]
+            print('| method | runs | ' + ' | '.join(f"@{s}" for s in steps) + ' |')
+            print('|---' * (len(steps) + 2) + '|')
+            header = True
         cells = []
-        for i, step in enumerate(r['iter'] for r in found[0]):
+        for i in range(len(found[0])):
             accs = [100 * e[i]['char_acc'] for e in found]
-            sd = f" ± {statistics.stdev(accs):4.1f}" if len(accs) > 1 else ''
-            cells.append(f"@{step} {statistics.mean(accs):5.1f}{sd}")
-        print(f"{label:>24}  " + '  '.join(cells) + f"  ({len(found)} runs)")
+            sd = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ''
+            cells.append(f"{statistics.mean(accs):.1f}{sd}")
+        print(f"| {label} | {len(found)} | " + ' | '.join(cells) + ' |')
 
 
 def main(args):
@@ -199,6 +206,8 @@ def main(args):
                 for m in METHODS for s in SEEDS]
         jobs += [(run_name(m, best[m], s, n), train_cmd(m, best[m], s, n, args))
                  for m, n in pressure for s in SEEDS]
+        r8 = [j for j in jobs if '_r32_' not in j[0] and '_r1_' not in j[0]]
+        jobs = r8 + [j for j in jobs if j not in r8]  # the r8 rows and their pressure first
         if args.stage == 'seeds':
             setup(args, {(n, s) for n in ns | {n for _, n in pressure} for s in SEEDS})
             run_all(jobs, args)
