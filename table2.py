@@ -4,7 +4,7 @@ MoRA Table 2 in miniature on a CPU (issue 16): uuid memorisation at the paper's 
 the real train.py on a config/mini_* file, --parallel side by side with one thread each; each run's
 metrics.jsonl and config.json are copied to the results dir (assets/mini_table2/<run>/).
 $ python table2.py                # end to end: text data, the base (config/mini_base.py) + merge,
-                                  # pairs, each method at its config's LR (the sweep's best), seed 1
+                                  # pairs, the r8 rows at their config's LR (the sweep's best)
 $ python table2.py --stage=sweep  # protocol step 1: each method over the LR grid, seed 1
 $ python table2.py --stage=seeds  # step 2: seeds 1-3 at each best LR; LoRA/MoRA r8 at N/2 and 2N
 $ python table2.py --stage=table  # the tables from assets/mini_table2/, no training
@@ -32,6 +32,7 @@ METHODS = {'full': ('full', 40), 'lora_r8': ('lora', 40), 'mora_r8_rope': ('mora
            'mora_r8_share': ('mora_share', 40), 'remora_r8': ('remora', 40),
            'xgblora': ('xgblora', 40), 'lora_r32': ('lora_r32', 158), 'mora_r32': ('mora_r32', 158),
            'lora_r1': ('lora_r1', 5), 'mora_r1': ('mora_r1', 5)}
+HEADLINE = ('full', 'lora_r8', 'mora_r8_rope', 'mora_r8_share', 'remora_r8', 'xgblora')  # main
 PRESSURE = ('lora_r8', 'mora_r8_rope')  # also at N/2 and 2N, at the best LR of N
 SEEDS = (1, 2, 3)
 
@@ -177,11 +178,12 @@ def table(results, rows, title):
 def main(args):
     res, ns = args.results, {n for _, n in METHODS.values()}
     if args.stage == 'main':
+        methods = list(METHODS) if args.methods else HEADLINE
         jobs = [(run_name(m, config_lr(m)), train_cmd(m, config_lr(m), 1, None, args))
-                for m in METHODS]
-        setup(args, {(n, 1) for n in ns})
+                for m in methods]
+        setup(args, {(METHODS[m][1], 1) for m in methods})
         run_all(jobs, args)
-        table(res, [(m, [run_name(m, config_lr(m))]) for m in METHODS],
+        table(res, [(m, [run_name(m, config_lr(m))]) for m in methods],
               "char acc %, each config's LR (the sweep's best), seed 1")
         print(f"total {time.time() - args.t0:.0f} s")
     elif args.stage == 'sweep':
@@ -199,7 +201,8 @@ def main(args):
     else:  # seeds, table
         best = {m: best_lr(res, m)[0] for m in METHODS}
         if None in best.values():  # the rest go ahead; the same command continues them later
-            print(f"sweep not finished, left out: {', '.join(m for m, lr in best.items() if not lr)}")
+            left = ', '.join(m for m, lr in best.items() if not lr)
+            print(f"sweep not finished, left out: {left}")
         best = {m: lr for m, lr in best.items() if lr}
         pressure = [(m, n) for m in PRESSURE if m in best
                     for n in (METHODS[m][1] // 2, METHODS[m][1] * 2)]
@@ -225,11 +228,13 @@ if __name__ == '__main__':
     ap.add_argument('--parallel', type=int, default=2, help='runs side by side')
     ap.add_argument('--threads', type=int, default=1, help='OMP threads per run')
     ap.add_argument('--budget_s', type=float, default=1e9, help='start no run after this many s')
-    ap.add_argument('--methods', default=','.join(METHODS), help='a comma-separated subset')
+    ap.add_argument('--methods', default='', help='a comma-separated subset (default: all; the '
+                    'main stage: the r8 rows)')
     ap.add_argument('--dry_run', action='store_true', help='a tiny random base, 4 steps per run')
     ARGS = ap.parse_args()
     ARGS.t0 = time.time()
-    METHODS = {m: METHODS[m] for m in ARGS.methods.split(',')}  # a KeyError names an unknown one
+    if ARGS.methods:
+        METHODS = {m: METHODS[m] for m in ARGS.methods.split(',')}  # KeyError: an unknown one
     ARGS.extra, ARGS.restart_extra = [], []
     if ARGS.dry_run:
         work = tempfile.mkdtemp(prefix='table2_')
