@@ -175,6 +175,14 @@ def table(results, rows, title):
         print(f"| {label} | {len(found)} | " + ' | '.join(cells) + ' |')
 
 
+def sweep_table(res):
+    print("\nthe sweep: mean char acc % over the evals after step 0, seed 1, per LR (* = best)")
+    for m in METHODS:
+        lr, _, scores = sweep(res, m)
+        cells = '  '.join(f"{x:.0e}: {s[0]:4.1f}{'*' * (x == lr)}" for x, s in sorted(scores.items()))
+        print(f"{m:>14}  {cells}")
+
+
 def main(args):
     res, ns = args.results, {n for _, n in METHODS.values()}
     if args.stage == 'main':
@@ -193,11 +201,7 @@ def main(args):
                     for m in METHODS for lr in sweep(res, m)[1]]
             if not jobs or not run_all(jobs, args):
                 break
-        print("\nmean char acc % over the evals after step 0, seed 1, per LR")
-        for m in METHODS:
-            lr, _, scores = sweep(res, m)
-            cells = '  '.join(f"{x:.0e}: {s[0]:5.1f}" for x, s in sorted(scores.items()))
-            print(f"{m:>14}  best {lr and f'{lr:.0e}'}  {cells}")
+        sweep_table(res)
     else:  # seeds, table
         best = {m: best_lr(res, m)[0] for m in METHODS}
         if None in best.values():  # the rest go ahead; the same command continues them later
@@ -212,6 +216,7 @@ def main(args):
                  for m, n in pressure for s in SEEDS]
         r8 = [j for j in jobs if '_r32_' not in j[0] and '_r1_' not in j[0]]
         jobs = r8 + [j for j in jobs if j not in r8]  # the r8 rows and their pressure first
+        sweep_table(res)
         if args.stage == 'seeds':
             setup(args, {(n, s) for n in ns | {n for _, n in pressure} for s in SEEDS})
             run_all(jobs, args)
