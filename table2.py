@@ -179,7 +179,8 @@ def sweep_table(res):
     print("\nthe sweep: mean char acc % over the evals after step 0, seed 1, per LR (* = best)")
     for m in METHODS:
         lr, _, scores = sweep(res, m)
-        cells = '  '.join(f"{x:.0e}: {s[0]:4.1f}{'*' * (x == lr)}" for x, s in sorted(scores.items()))
+        cells = '  '.join(f"{x:.0e}: {s[0]:4.1f}{'*' * (x == lr)}"
+                          for x, s in sorted(scores.items()))
         print(f"{m:>14}  {cells}")
 
 
