@@ -1,5 +1,5 @@
 # Shared settings of MoRA Table 2 in miniature on a CPU (issue 16); config/mini_<mode>.py exec it.
-# Base: a ~0.95M-parameter byte-level LLaMA made here (config/mini_base.py, merged to
+# Base: a 0.89M-parameter byte-level LLaMA made here (config/mini_base.py, merged to
 # out/mini_base/hf): a tiny model, not an LLM. Everything end to end: `python table2.py`.
 # Pressure as in the paper: 10,000 pairs x 122 bits / LLaMA-2 7B's 19,988,480 LoRA r8 params
 # (all seven projections) = 0.0610 memorised bits per trainable parameter. LoRA r8 on all seven
