@@ -73,6 +73,22 @@ def resume_error(out_dir, saved: dict, config: dict, may_change: tuple):
                   f" lr_decay_iters set, else the decay follows it)")
 
 
+def load_for_resume(out_dir, config: dict, may_change: tuple, fingerprint: str) -> dict:
+    """out_dir's ckpt.pt if this run may continue it: the same config but for the keys in
+    may_change, the same base (its fingerprint). Raises, with the line to print, where not."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path} to resume from (drop --resume=True to "
+                                "start a fresh run)")
+    ckpt = load_checkpoint(path)
+    if error := resume_error(out_dir, ckpt['config'], config, may_change):
+        raise ValueError(error)
+    if ckpt['base_fingerprint'] != fingerprint:
+        raise ValueError(f"{path} was trained on another base than {config['init_from']} (base "
+                         "fingerprint differs)")
+    return ckpt
+
+
 def write_config(out_dir, config: dict, code_files) -> str:
     """config.json: the resolved config, the git hash and the sha256 of code_files (a copied
     checkout's git hash can lag its working tree, the files' hash cannot). Returns the git hash."""

@@ -4,10 +4,14 @@ every weight, gradient and optimizer moment over the processes; this file is wha
 shard() wraps the model; gather_state() / load_state() turn shards into today's single-process ckpt.pt contents and
 back (torch.distributed.checkpoint.state_dict does the gathering), so a run resumes under any process count;
 merge_() / reinit_() are adapters.merge_ / reinit_ on sharded weights, equal to one process's. On an unsharded
-model each of them is the plain single-process call, so train.py makes the same calls in every mode.
+model each of them is the plain single-process call, so train.py makes the same calls in every mode. The rest of
+the distributed set-up is here too: the process group, DDP wrapping, gradient sync, RNG states, errors on all ranks.
     torchrun --standalone --nproc_per_node=8 train.py config/alpaca_lora.py --parallel=fsdp
     python -m pytest -q tests/test_fsdp.py
 """
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
@@ -15,8 +19,72 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adapters
+from configurator import die
+
+
+def init(device: str):
+    """Under torchrun: join the process group (nccl on GPUs, gloo on CPUs); with device auto or cuda
+    each rank takes the GPU of its LOCAL_RANK. Returns (rank, world, device)."""
+    backend = 'nccl' if torch.cuda.is_available() and device != 'cpu' else 'gloo'
+    dist.init_process_group(backend=backend)
+    if device in ('auto', 'cuda') and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def wrap(model, compile: bool, ddp: bool, device_type: str):
+    """The model the loop calls: compiled, and under DDP wrapped for the tensors requiring grad now.
+    Sharded, the model is its own wrapper: shard() compiled each block before sharding it."""
+    if isinstance(model, FSDPModule):
+        return model
+    model = torch.compile(model) if compile else model
+    ids = [int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None
+    return DDP(model, device_ids=ids) if ddp else model
+
+
+def grad_sync(model, on: bool):
+    """Whether this backward reduces the gradients (the last micro-step): DDP all-reduces them,
+    FSDP reduce-scatters them; one process has nothing to reduce."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(on)
+    elif isinstance(model, DDP):
+        model.require_backward_grad_sync = on
+
+
+def everyone(error):
+    """End every rank on rank 0's error (a failed save, a diverged eval): alone, the others would
+    wait in their next collective forever. All ranks call it at one point: one error line, exit 2"""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box)
+        error = box[0]
+        if error:
+            dist.destroy_process_group()
+    if error:
+        die(error) if master else sys.exit(2)
+
+
+def rng_states(device_type: str) -> list:
+    """Every rank's RNG states, gathered (a collective: all ranks call it); rank i resumes i."""
+    state = {'torch': torch.get_rng_state(),
+             'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_state(state: dict, device_type: str):
+    """Continue the RNG streams of one rank's entry of rng_states()."""
+    torch.set_rng_state(state['torch'])
+    if device_type == 'cuda' and state['cuda'] is not None:  # CPU runs: no cuda
+        torch.cuda.set_rng_state(state['cuda'])
 
 
 def shard(model, device_type, param_dtype=None, compile=False):

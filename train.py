@@ -16,13 +16,13 @@ import re
 import resource
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adapters
 import checkpoint
@@ -162,15 +162,7 @@ if parallel == 'fsdp' and not ddp:
     die("parallel='fsdp' shards the model over torchrun's processes: torchrun --nproc_per_node=N "
         "train.py ...")
 sharded = ddp and parallel == 'fsdp'
-if ddp:
-    backend = 'nccl' if torch.cuda.is_available() and device != 'cpu' else 'gloo'
-    dist.init_process_group(backend=backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device in ('auto', 'cuda') and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-else:
-    rank, world = 0, 1
+rank, world, device = fsdp.init(device) if ddp else (0, 1, device)
 master = rank == 0
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 device_type = 'cuda' if 'cuda' in device else 'cpu'
@@ -294,14 +286,7 @@ optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
 torch.manual_seed(seed + rank)  # dropout: each rank its own stream
 iter_num = 0
 if resume:
-    path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.exists(path):
-        die(f"no checkpoint at {path} to resume from (drop --resume=True to start a fresh run)")
-    ckpt = setup(checkpoint.load_checkpoint, path)
-    if error := checkpoint.resume_error(out_dir, ckpt['config'], config, MAY_CHANGE):
-        die(error)
-    if ckpt['base_fingerprint'] != base_fingerprint:
-        die(f"{path} was trained on another base than {init_from} (base fingerprint differs)")
+    ckpt = setup(checkpoint.load_for_resume, out_dir, config, MAY_CHANGE, base_fingerprint)
     if mode == 'remora':  # a ReMoRA run's current kind comes from the checkpoint, never the config
         kind = next(iter(ckpt['adapters'].values()))['kind']
         adapters.switch_kind_(model, kind)
@@ -309,9 +294,7 @@ if resume:
     scaler.load_state_dict(ckpt['scaler'])
     iter_num = ckpt['iter_num']
     if len(ckpt['rng']) == world:  # every rank continues its own dropout stream
-        torch.set_rng_state(ckpt['rng'][rank]['torch'])
-        if device_type == 'cuda' and ckpt['rng'][rank]['cuda'] is not None:  # CPU runs: no cuda
-            torch.cuda.set_rng_state(ckpt['rng'][rank]['cuda'])
+        fsdp.set_rng_state(ckpt['rng'][rank], device_type)
     else:  # another process count: fresh dropout streams, as from a new seed
         torch.manual_seed(seed + rank + 1000003 * iter_num)
         log(f"resume: saved by {len(ckpt['rng'])} processes, now {world}: dropout re-seeded")
@@ -320,19 +303,7 @@ if warm_start:
     hand_over(full_rank=iter_num < warm_start)
 
 raw_model = model  # uncompiled handle for saving, eval and merges (no _orig_mod. keys)
-
-
-def wrap(m):
-    """The model the loop calls: compiled, and under DDP wrapped for the tensors requiring grad now.
-    Sharded, the model is its own wrapper: fsdp.shard compiled each block before sharding it."""
-    if sharded:
-        return m
-    m = torch.compile(m) if compile else m
-    ids = [int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None
-    return DDP(m, device_ids=ids) if ddp else m
-
-
-model = wrap(raw_model)
+model = fsdp.wrap(raw_model, compile, ddp, device_type)  # compiled, DDP (sharded: as it is)
 
 
 def envelope(it, start, peak):
@@ -395,15 +366,6 @@ def reset_state(params):
             optimizer.state.pop(p, None)
 
 
-def rng_states():
-    """Every rank's RNG states, gathered (a collective: all ranks call it); rank i resumes i."""
-    state = {'torch': torch.get_rng_state(),
-             'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
-    states = [None] * world
-    dist.all_gather_object(states, state) if ddp else states.__setitem__(0, state)
-    return states
-
-
 def save(rng):
     """Everything resume needs, from the uncompiled model, saved atomically (save_checkpoint).
     Sharded: every rank gathers (a collective), rank 0 writes the file one process would. Returns
@@ -417,19 +379,6 @@ def save(rng):
             out_dir)
 
 
-def everyone(error):
-    """End every rank on rank 0's error (a failed save, a diverged eval): alone, the others would
-    wait in their next collective forever. All ranks call it at one point: one error line, exit 2"""
-    if ddp:
-        box = [error]
-        dist.broadcast_object_list(box)
-        error = box[0]
-        if error:
-            dist.destroy_process_group()
-    if error:
-        die(error) if master else sys.exit(2)
-
-
 def write_metrics(row):
     if master:
         checkpoint.append_metrics(out_dir, row)
@@ -438,15 +387,9 @@ def write_metrics(row):
 
 
 # -----------------------------------------------------------------------------
-stop_requested = False
-
-
-def request_stop(signum, frame):
-    global stop_requested
-    stop_requested = True  # acted on at the next step boundary: the checkpoint resumes bit-exactly
-
-
-signal.signal(signal.SIGINT, request_stop)
+# a Ctrl-C is acted on at the next step boundary: the checkpoint resumes bit-exactly
+stop_requested = threading.Event()
+signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.set())
 if master:
     os.makedirs(out_dir, exist_ok=True)
     sha = checkpoint.write_config(out_dir, config, CODE)  # with the hash of the code that ran
@@ -481,7 +424,7 @@ while True:
         group['lr'] = lr
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         t_eval -= time.time()
-        rng, error = rng_states(), None
+        rng, error = fsdp.rng_states(device_type), None
         if master or sharded:  # sharded, every rank evals (the forward gathers blocks); rank 0 logs
             # a copy with the adapters folded in, in the autocast dtype; sharded: the model as it is
             m = raw_model if sharded else inference_model(raw_model,
@@ -499,22 +442,20 @@ while True:
                 error = save(rng) if math.isfinite(row['val_loss']) else (
                     f"non-finite val loss at iter {iter_num}; not saved, {out_dir}/ckpt.pt keeps "
                     "the last good state")
-        everyone(error)
+        fsdp.everyone(error)
         t_eval += time.time()
     if iter_num >= max_iters or eval_only or stop:
         break
     if warm_start and iter_num == warm_start:  # full-rank warm start over: freeze the base
         hand_over(full_rank=False)
-        model = wrap(raw_model)  # DDP reduces the gradients of what required grad when it was built
+        # DDP reduces the gradients of what required grad when it was built
+        model = fsdp.wrap(raw_model, compile, ddp, device_type)
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         x, y = ds.get_batch('train', batch_size, block_size, seed, iter_num, micro, grad_accum,
                             rank, world)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if sharded:  # reduce-scatter only on the last micro-step
-            model.set_requires_gradient_sync(micro == grad_accum - 1)
-        elif ddp:  # all-reduce only on the last micro-step
-            model.require_backward_grad_sync = micro == grad_accum - 1
+        fsdp.grad_sync(model, micro == grad_accum - 1)  # reduce only on the last micro-step
         with ctx:
             _, loss = model(x, y)
         scaler.scale(loss / grad_accum).backward()
@@ -554,7 +495,7 @@ while True:
         log(f"booster {iter_num // booster_steps}: merged, now training blocks "
             f"{sorted(boosters_at(iter_num))}")
 
-    stop = stop_requested  # a Ctrl-C during this step: stop after it
+    stop = stop_requested.is_set()  # a Ctrl-C during this step: stop after it
     if ddp:  # one decision on every rank: the global batch's loss; a Ctrl-C on any rank stops all
         flags = torch.stack([loss_sum, torch.tensor(float(stop), device=device)])
         dist.all_reduce(flags)  # (on CUDA .item() below syncs each step: the price of one decision)
@@ -563,8 +504,8 @@ while True:
     # waits for the device: on CUDA that stalls each step, so check at log intervals (logs sync)
     if device_type == 'cpu' or iter_num % log_interval == 0:
         if not math.isfinite(loss_sum.item()):
-            everyone(f"non-finite loss at iter {iter_num}; {out_dir}/ckpt.pt keeps the last good "
-                     "state (lower learning_rate?)")
+            fsdp.everyone(f"non-finite loss at iter {iter_num}; {out_dir}/ckpt.pt keeps the last "
+                          "good state (lower learning_rate?)")
     if iter_num % log_interval == 0 and master:
         loss_val = loss_sum.item() / grad_accum
         dt = (time.time() - t_log - t_eval) / log_interval  # .item() above waited for the device
@@ -584,8 +525,8 @@ while True:
         write_metrics(row)
 
 if stop:
-    rng = rng_states()
-    everyone(save(rng) if master or sharded else None)
+    rng = fsdp.rng_states(device_type)
+    fsdp.everyone(save(rng) if master or sharded else None)
     log(f"interrupted: saved {out_dir}/ckpt.pt at iter {iter_num}; continue with --resume=True")
 elif master and not eval_only:
     log(f"done: {iter_num} iters in {(time.time() - t_start) / 60:.1f} min | {evals} | checkpoint "
