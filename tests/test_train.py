@@ -254,17 +254,18 @@ def test_optimizer_reset_prune_keeps_one_percent(stream_ds, tmp_path):
 
 def test_booster_alpha_scales_every_merge(stream_ds, tmp_path, monkeypatch):
     """XGBLoRA with booster_alpha 0.5: W_final == W_0 + 0.5 * (the sum of every booster's dW), 3 boosters."""
-    deltas, merge = [], adapters.merge_
+    calls, merge = [], adapters.merge_
 
     def recording_merge(model, alpha=1.0):
-        assert alpha == 0.5
-        deltas.append({n: m.adapter.delta().detach().clone() for n, m in model.named_modules()
-                       if getattr(m, 'adapter', None) is not None})
+        calls.append((model, alpha, {n: m.adapter.delta().detach().clone() for n, m in model.named_modules()
+                                     if getattr(m, 'adapter', None) is not None}))
         return merge(model, alpha=alpha)
     monkeypatch.setattr(adapters, 'merge_', recording_merge)
     g = run_train([f'--dataset={stream_ds}', '--max_iters=6', '--eval_interval=6', '--train_rest=False',
                    '--booster_alpha=0.5', *MODE_ARGS['xgblora']], tmp_path)
-    assert len(deltas) == 3
+    merges = [(alpha, d) for model, alpha, d in calls if model is g['raw_model']]  # evals fold into copies
+    assert len(merges) == 3 and all(alpha == 0.5 for alpha, _ in merges)
+    deltas = [d for _, d in merges]
     base = g['build_model'](g['config'])
     for name, m in g['raw_model'].named_modules():
         if getattr(m, 'adapter', None) is not None:

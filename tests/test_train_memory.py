@@ -136,7 +136,7 @@ def test_base_dtype_cannot_change_on_resume(stream_ds, tmp_path, capsys):
     common = [f'--dataset={stream_ds}', '--eval_interval=2', *MODE_ARGS['lora']]
     run_train([*common, '--max_iters=2', *HALF], tmp_path)
     with pytest.raises(SystemExit) as e:
-        run_train([*common, '--max_iters=4', '--dtype=bfloat16', '--resume=True'], tmp_path)  # auto: fp32 on CPU
+        run_train([*common, '--max_iters=4', '--dtype=bfloat16', '--base_dtype=float32', '--resume=True'], tmp_path)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "base_dtype 'bfloat16' -> 'float32'" in err and '\n' not in err
 
