@@ -8,4 +8,4 @@ dataset = 'memory/byte_n5_s1'
 mode = 'lora'
 r = 1
 alpha = 2.0
-learning_rate = 1e-3
+learning_rate = 1e-2  # the sweep's best (python table2.py --stage=sweep; README)

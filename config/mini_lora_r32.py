@@ -9,4 +9,4 @@ dataset = 'memory/byte_n158_s1'
 mode = 'lora'
 r = 32
 alpha = 64.0
-learning_rate = 1e-3
+learning_rate = 1e-3  # the sweep's best (python table2.py --stage=sweep; README)

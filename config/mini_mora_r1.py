@@ -7,4 +7,4 @@ dataset = 'memory/byte_n5_s1'
 mode = 'mora'
 mora_kind = 'rope'
 r = 1
-learning_rate = 1e-3
+learning_rate = 3e-2  # the sweep's best (9e-2, the edge's extension, collapsed; README)

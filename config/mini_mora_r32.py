@@ -8,4 +8,4 @@ dataset = 'memory/byte_n158_s1'
 mode = 'mora'
 mora_kind = 'share'
 r = 32
-learning_rate = 1e-3
+learning_rate = 1e-3  # the sweep's best (python table2.py --stage=sweep; README)
