@@ -89,7 +89,8 @@ def char_accuracy(model, tokenizer, pairs, device, ctx=nullcontext(), batch_size
                               dtype=torch.long, device=device)  # (B, n), left-padded with id 0
         pad = torch.tensor([n - m for m in lens], dtype=torch.long, device=device)
         prompts = [pairs[i]['prompt'] for i in chunk]
-        read = lambda rows: [tokenizer.decode(p + row)[len(tokenizer.decode(p)):] for p, row in zip(prompts, rows)]
+        skip = [len(tokenizer.decode(p)) for p in prompts]  # the prompt's characters in decode(prompt + tokens)
+        read = lambda rows: [tokenizer.decode(p + row)[k:] for p, k, row in zip(prompts, skip, rows)]
         with ctx:  # stop once every row has read out a uuid's length: later tokens are never scored
             out = model.generate(prompt, max_new_tokens, temperature=0.0, pad=pad,
                                  done=lambda new: min(map(len, read(new.tolist()))) >= UUID_LEN)

@@ -340,18 +340,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), device=h.device)
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        dev = h.device.type  # the matmul dtype; the weight cast once, not by autocast for every chunk
+        w = weight.to(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype)
         for i in range(0, targets.numel(), chunk):
-            hc, t = h[i:i + chunk], targets[i:i + chunk]
-            z = F.linear(hc, weight)  # (n, vocab) in the matmul dtype
+            hc, t = h[i:i + chunk].to(w.dtype), targets[i:i + chunk]
+            z = F.linear(hc, w)  # (n, vocab)
             logp, keep = z.log_softmax(-1, dtype=torch.float32), (t != -100)[:, None]
             t = t.clamp(min=0)[:, None]  # ignored rows: any valid id, masked out below
             total -= (logp.gather(1, t) * keep).sum()
             if need_h or need_w:
                 G = logp.exp_().scatter_add_(1, t, -torch.ones_like(t, dtype=logp.dtype)).mul_(keep).to(z.dtype)
                 if need_h:
-                    dh[i:i + chunk] = G @ weight.to(z.dtype)
+                    dh[i:i + chunk] = G @ w
                 if need_w:
-                    dw += (G.T @ hc.to(z.dtype)).float()
+                    dw += (G.T @ hc).float()
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         return total

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import adapters as A
 import kernels as K
@@ -95,30 +96,31 @@ def test_unknown_kind_is_refused_by_the_merge_kernel():
         K.mora_add_(torch.zeros(8, 8), torch.zeros(4, 4), "tile")
 
 
+class Ops(TorchDispatchMode):
+    """Records every aten op that runs inside it as (op, its first input, its output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, args[0] if args else None, out))
+        return out
+
+
 def test_rope_backward_runs_in_the_autocast_dtype():
     """Under bf16 autocast, _BlockDiagMatmul's backward bmms run in bf16 as autograd's own would (they ran in fp32,
     half the speed on bf16 CPUs), and the gradients still come back in the inputs' fp32."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class BmmDtypes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.bmm.default:
-                self.seen.append(args[0].dtype)
-            return func(*args, **(kwargs or {}))
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 40, generator=g, requires_grad=True)
     M = torch.randn(16, 16, generator=g, requires_grad=True)
     with torch.autocast('cpu', torch.bfloat16):
         y = A.mora_forward(x, M, 40, 'rope')  # 3 chunks of 16 (wrapped), cut to 40
-    dtypes = BmmDtypes()
-    with dtypes:
+    with Ops() as rec:
         y.float().pow(2).sum().backward()
-    assert dtypes.seen == [torch.bfloat16] * 2 and x.grad.dtype == M.grad.dtype == torch.float32
+    bmms = [a.dtype for op, a, _ in rec.ops if op is torch.ops.aten.bmm.default]
+    assert bmms == [torch.bfloat16] * 2 and x.grad.dtype == M.grad.dtype == torch.float32
     ref_x, ref_M = x.detach().clone().requires_grad_(), M.detach().clone().requires_grad_()
     A.mora_forward(ref_x, ref_M, 40, 'rope').pow(2).sum().backward()  # fp32: equal to bf16 precision
     for a, b in ((x.grad, ref_x.grad), (M.grad, ref_M.grad)):
@@ -129,28 +131,15 @@ def test_mora_branch_stays_in_the_autocast_dtype():
     """A MoRA layer under bf16 autocast takes the bf16 activation as it is (no fp32 copy of x in, no cast of
     its output back: the casts cost more than the branch's bmms on a CPU); without autocast the branch runs in
     M's fp32 and returns x's dtype."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Casts(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.up = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func is torch.ops.aten._to_copy.default and out.dtype == torch.float32 and out.dim() == 2 \
-                    and out.shape[1] == 40:
-                self.up += 1  # an fp32 copy of the (N, 40) activation or its gradient
-            return out
-
     layer = A.MoRA(40, 40, 16, 'rope')
     torch.nn.init.normal_(layer.M)
     x = torch.randn(5, 40).bfloat16().requires_grad_()
-    casts = Casts()
-    with casts:
+    with Ops() as rec:
         with torch.autocast('cpu', torch.bfloat16):
             y = layer(x)
         y.sum().backward()
-    assert y.dtype == torch.bfloat16 and casts.up == 0 and layer.M.grad.dtype == torch.float32
+    up = [out for op, _, out in rec.ops if op is torch.ops.aten._to_copy.default
+          and out.dtype == torch.float32 and out.dim() == 2 and out.shape[1] == 40]
+    assert y.dtype == torch.bfloat16 and not up and layer.M.grad.dtype == torch.float32  # no fp32 (N, 40) copy
     y32 = layer(x.detach())  # no autocast: fp32 inside, bf16 out
     assert y32.dtype == torch.bfloat16 and (y32.float() - y.float()).abs().max() < 0.1 * y.float().abs().max()
