@@ -57,16 +57,22 @@ def grad_sync(model, on: bool):
 
 def everyone(error):
     """End every rank on rank 0's error (a failed save, a diverged eval): alone, the others would
-    wait in their next collective forever. All ranks call it at one point: one error line, exit 2"""
-    master = not dist.is_initialized() or dist.get_rank() == 0
-    if dist.is_initialized():
-        box = [error]
-        dist.broadcast_object_list(box)
-        error = box[0]
+    wait in their next collective forever. All ranks call it at one point: one error line, exit 2.
+    Under a process group the ranks leave by os._exit, without interpreter teardown: a gloo worker
+    thread can still be dropping the broadcast's tensors then, and its GIL call in a finalizing
+    interpreter aborts the process (SIGABRT; seen in CI, cf. pytorch/pytorch#179291)."""
+    if not dist.is_initialized():
         if error:
-            dist.destroy_process_group()
-    if error:
-        die(error) if master else sys.exit(2)
+            die(error)
+        return
+    box = [error]
+    dist.broadcast_object_list(box)
+    if box[0]:
+        dist.barrier()  # every rank holds the error before any closes its sockets
+        if dist.get_rank() == 0:
+            print(f"error: {box[0]}", file=sys.stderr)
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(2)
 
 
 def rng_states(device_type: str) -> list:
