@@ -70,8 +70,8 @@ def everyone(error):
     if box[0]:
         dist.barrier()  # every rank holds the error before any closes its sockets
         if dist.get_rank() == 0:
-            print(f"error: {box[0]}", file=sys.stderr)
-        sys.stdout.flush(), sys.stderr.flush()
+            print(f"error: {box[0]}", file=sys.stderr, flush=True)
+        sys.stdout.flush()  # os._exit skips the flush at exit
         os._exit(2)
 
 
