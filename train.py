@@ -102,8 +102,18 @@ loss_chunk = 512  # training CE over chunks of this many tokens: no (B, T, vocab
 seed = 1337  # model init, adapters, dropout, data order
 parallel = 'ddp'  # under torchrun: 'ddp' replicates the model, 'fsdp' shards weights, grads, state
 # -----------------------------------------------------------------------------
-config = configure(globals(), sys.argv[1:], __file__)
+# checked before anything is built: string keys take one of their choices, numbers >= 0 (sizes >= 1)
 MODES = ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora')
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+CHOICES = {'mode': MODES, 'mora_kind': ('auto', *adapters.KINDS),
+           'remora_cycle': tuple(adapters.CYCLES), 'optimizer_reset': ('clear', 'prune'),
+           'lr_envelope': ('jagged', 'rewarm'), 'decay_lr': ('cosine', 'linear', 'constant'),
+           'dtype': DTYPES, 'parallel': ('ddp', 'fsdp'), 'base_dtype': DTYPES}
+POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
+            'log_interval', 'eval_iters', 'booster_steps', 'n_layer', 'n_head', 'n_kv_head',
+            'n_embd', 'intermediate_size')
+config = configure(globals(), sys.argv[1:], __file__, choices=CHOICES,
+                   minimum={**dict.fromkeys(POSITIVE, 1), 'char_acc_pairs': -1})
 CODE = ('train.py', 'model.py', 'adapters.py', 'kernels.py', 'checkpoint.py', 'eval.py',
         'configurator.py', 'tokenizer.py', 'data/__init__.py')
 # keys a resumed run may change; any other difference is refused (out_dir: a moved run dir resumes)
@@ -119,21 +129,6 @@ def setup(fn, *args, **kwargs):  # a setup step: expected failures (missing file
         die(e)
 
 
-# checked before anything is built: string keys take one of their choices, numbers >= 0 (sizes >= 1)
-DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
-CHOICES = {'mode': MODES, 'mora_kind': ('auto', *adapters.KINDS),
-           'remora_cycle': tuple(adapters.CYCLES), 'optimizer_reset': ('clear', 'prune'),
-           'lr_envelope': ('jagged', 'rewarm'), 'decay_lr': ('cosine', 'linear', 'constant'),
-           'dtype': DTYPES, 'parallel': ('ddp', 'fsdp'), 'base_dtype': DTYPES}
-POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
-            'log_interval', 'eval_iters', 'booster_steps', 'n_layer', 'n_head', 'n_kv_head',
-            'n_embd', 'intermediate_size')
-for k, v in config.items():
-    if k in CHOICES and v not in CHOICES[k]:
-        die(f"{k}={v!r} is not one of {' | '.join(CHOICES[k])}")
-    low = 1 if k in POSITIVE else -1 if k == 'char_acc_pairs' else 0
-    if type(v) in (int, float) and v < low:
-        die(f"{k}={v!r} must be >= {low}")
 restarts = mode in ('relora', 'remora')
 if merge_every and not restarts:
     die(f"merge_every={merge_every} needs mode relora or remora, got mode={mode!r}")
