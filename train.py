@@ -115,7 +115,7 @@ POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eva
 config = configure(globals(), sys.argv[1:], __file__, choices=CHOICES,
                    minimum={**dict.fromkeys(POSITIVE, 1), 'char_acc_pairs': -1})
 CODE = ('train.py', 'model.py', 'adapters.py', 'kernels.py', 'checkpoint.py', 'eval.py',
-        'configurator.py', 'tokenizer.py', 'data/__init__.py')
+        'fsdp.py', 'configurator.py', 'tokenizer.py', 'data/__init__.py')
 # keys a resumed run may change; any other difference is refused (out_dir: a moved run dir resumes)
 MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs',
               'eval_only', 'resume', 'compile', 'device', 'out_dir', 'note', 'parallel',
