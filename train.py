@@ -223,12 +223,6 @@ if method:
     booster = method == 'booster'
     adapter_params = setup(adapters.attach, model, method, targets, r=1 if booster else r,
                            alpha=booster_scale if booster else alpha, kind=kind, dropout=dropout)
-    # an adapter whose rank (MoRA: r_hat = sqrt((in+out)*r)) exceeds max(in, out) outgrows W
-    limit = min(max(k, d) ** 2 // (k + d) if method == 'mora' else max(k, d) for k, d in
-                ((s['in_features'], s['out_features']) for s in adapters.settings(model).values()))
-    if method != 'booster' and r > limit:
-        die(f"r={r} is too large for the adapted layers: allowed 1..{limit} (rank at most "
-            "max(in, out))")
 else:
     adapter_params = []
 if sharded:  # from here on the parameters are this rank's shards (DTensors): collect them again
