@@ -3,9 +3,10 @@ Fully sharded training for train.py (`--parallel=fsdp` under torchrun): PyTorch'
 every weight, gradient and optimizer moment over the processes; this file is what train.py needs around it.
 shard() wraps the model; gather_state() / load_state() turn shards into today's single-process ckpt.pt contents and
 back (torch.distributed.checkpoint.state_dict does the gathering), so a run resumes under any process count;
-merge_() / reinit_() are adapters.merge_ / reinit_ on sharded weights, equal to one process's. On an unsharded
-model each of them is the plain single-process call, so train.py makes the same calls in every mode. The rest of
-the distributed set-up is here too: the process group, DDP wrapping, gradient sync, RNG states, errors on all ranks.
+merge_() / reinit_() are adapters.merge_ / reinit_ on sharded weights, equal to one process's, reset_state_() the
+optimizer's restart. On an unsharded model each of them is the plain single-process call, so train.py makes the
+same calls in every mode. The rest of the distributed set-up is here too: the process group, DDP wrapping,
+gradient sync, RNG states, errors on all ranks.
     torchrun --standalone --nproc_per_node=8 train.py config/alpaca_lora.py --parallel=fsdp
     python -m pytest -q tests/test_fsdp.py
 """
@@ -190,6 +191,19 @@ def reinit_(model, generator=None):
         if getattr(m, 'adapter', None) is not None:
             for name, value in m.adapter.fresh(generator).items():
                 _set_(getattr(m.adapter, name), value)
+
+
+def reset_state_(optimizer, params, prune: bool = False):
+    """Fresh optimizer state (moments, step) for these tensors only, or ReLoRA's 99% prune: each
+    moment keeps its largest 1% by magnitude, the whole tensor's even if sharded (all ranks call)."""
+    for p in params:
+        if prune and p in optimizer.state:
+            for key in ('exp_avg', 'exp_avg_sq'):
+                m = optimizer.state[p][key]
+                q = full(m).abs().flatten().kthvalue(max(1, int(0.99 * m.numel()))).values
+                m.mul_(m.abs() > q)  # q a tensor: no host sync
+        else:
+            optimizer.state.pop(p, None)
 
 
 def state_bytes(model, optimizer) -> dict:

@@ -130,6 +130,7 @@ def setup(fn, *args, **kwargs):  # a setup step: expected failures (missing file
 
 
 restarts = mode in ('relora', 'remora')
+prune = optimizer_reset == 'prune'  # at each restart or booster merge (fsdp.reset_state_)
 if merge_every and not restarts:
     die(f"merge_every={merge_every} needs mode relora or remora, got mode={mode!r}")
 if restarts and not merge_every:  # a restart mode that never restarts is silently its plain twin
@@ -342,19 +343,6 @@ def reinit_generator(it):
     return torch.Generator(device).manual_seed(seed * 1000003 + it)
 
 
-def reset_state(params):
-    """Fresh optimizer state for these tensors only (moments, step), or ReLoRA's 99% prune."""
-    for p in params:
-        if optimizer_reset == 'prune' and p in optimizer.state:
-            for key in ('exp_avg', 'exp_avg_sq'):
-                m = optimizer.state[p][key]  # the threshold of the whole tensor, even if sharded
-                q = fsdp.full(m).abs().flatten().kthvalue(max(1, int(0.99 * m.numel()))).values
-                m.mul_(m.abs() > q.item())
-                m.mul_(m.abs() > q)
-        else:
-            optimizer.state.pop(p, None)
-
-
 def save(rng):
     """Everything resume needs, from the uncompiled model, saved atomically (save_checkpoint).
     Sharded: every rank gathers (a collective), rank 0 writes the file one process would. Returns
@@ -472,14 +460,14 @@ while True:
         if mode == 'remora':
             kind = adapters.next_kind(kind, remora_cycle)
             adapters.switch_kind_(raw_model, kind)
-        reset_state(adapter_params)  # and LR drops to 0 and re-warms: get_lr knows
+        fsdp.reset_state_(optimizer, adapter_params, prune)  # and LR drops to 0: get_lr knows
         log(f"restart at {iter_num}: merged {len(adapted_weights)} layers, adapters re-initialised"
             + (f", next kind {kind}" if mode == 'remora' else '')
-            + f", optimizer state {'cleared' if optimizer_reset == 'clear' else 'pruned'}")
+            + f", optimizer state {'pruned' if prune else 'cleared'}")
     if method == 'booster' and iter_num % booster_steps == 0:
         fsdp.merge_(raw_model, alpha=booster_alpha)  # only gated-on boosters carry a dW
         fsdp.reinit_(raw_model, reinit_generator(iter_num))
-        reset_state(adapter_params)
+        fsdp.reset_state_(optimizer, adapter_params, prune)
         adapters.set_gates_(raw_model, boosters_at(iter_num))
         log(f"booster {iter_num // booster_steps}: merged, now training blocks "
             f"{sorted(boosters_at(iter_num))}")
