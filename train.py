@@ -136,11 +136,7 @@ if merge_every and not restarts:
 if restarts and not merge_every:  # a restart mode that never restarts is silently its plain twin
     die(f"mode={mode!r} merges every merge_every steps: set merge_every >= 1 (0 trains plain "
         f"{mode[2:]})")
-if wandb_log:  # the tracker is optional: imported only when on, found missing before any build
-    try:
-        import wandb
-    except ImportError:
-        die("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)")
+wandb = setup(checkpoint.tracker, wandb_log)  # optional: imported only when on, before any build
 if mode == 'remora' and mora_kind not in ('auto', *adapters.SHARE_KINDS):
     die(f"remora switches between share kinds; mora_kind={mora_kind!r} is not one of "
         + ' | '.join(adapters.SHARE_KINDS))
@@ -356,11 +352,9 @@ def save(rng):
             out_dir)
 
 
-def write_metrics(row):
+def write_metrics(row):  # metrics.jsonl, and the same rows in wandb with wandb_log
     if master:
-        checkpoint.append_metrics(out_dir, row)
-        if wandb_log:  # the same rows, keyed by step
-            wandb.log(row, step=row['iter'])
+        checkpoint.append_metrics(out_dir, row, wandb)
 
 
 # -----------------------------------------------------------------------------
@@ -368,8 +362,9 @@ def write_metrics(row):
 stop_requested = threading.Event()
 signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.set())
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    sha = checkpoint.write_config(out_dir, config, CODE)  # with the hash of the code that ran
+    # out_dir, config.json (with the hash of the code that ran), metrics.jsonl, the wandb run
+    sha = checkpoint.start_run(out_dir, config, CODE, resume, iter_num, wandb, wandb_project,
+                               wandb_run_name)
     log(f"torch {torch.__version__} | device {device} | dtype {dtype} | compile {compile} | "
         f"world {world} | git {sha or '?'}")
     log("config: " + json.dumps({k: v for k, v in config.items() if k != 'model_config'}))
@@ -380,10 +375,6 @@ if master:
     if method == 'booster':
         log(f"xgblora: {n_train:,} booster params on {len(adapted_weights)} layers, "
             f"~{n_train * len(boosters_at(0)) // raw_model.config.n_layer:,} trained per booster")
-    if wandb_log:
-        name = wandb_run_name or os.path.basename(os.path.abspath(out_dir))
-        wandb.init(project=wandb_project, name=name, config=config)
-    checkpoint.start_metrics(out_dir, resume, iter_num)
 pairs = memory_pairs(ds, char_acc_pairs)
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 flops_per_iter *= 1 if mode == 'full' else 2 / 3  # adapters: no weight-gradient matmuls
@@ -508,7 +499,7 @@ if stop:
 elif master and not eval_only:
     log(f"done: {iter_num} iters in {(time.time() - t_start) / 60:.1f} min | {evals} | checkpoint "
         f"{out_dir}/ckpt.pt" + (f"\nnote: {note}" if note else ''))
-if wandb_log and master:
+if wandb and master:
     wandb.finish()
 if ddp:
     dist.barrier()  # teardown together: a rank leaving while rank 0 still evals, saves aborts gloo
