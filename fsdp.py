@@ -87,11 +87,18 @@ def rng_states(device_type: str) -> list:
     return states
 
 
-def set_rng_state(state: dict, device_type: str):
-    """Continue the RNG streams of one rank's entry of rng_states()."""
+def set_rng_state(states: list, device_type: str, seed: int) -> bool:
+    """Continue this rank's RNG streams from rng_states()' list if as many processes saved it, else
+    start fresh ones from seed (another process count). Returns whether they continue."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if len(states) != world:
+        torch.manual_seed(seed)
+        return False
+    state = states[rank]
     torch.set_rng_state(state['torch'])
     if device_type == 'cuda' and state['cuda'] is not None:  # CPU runs: no cuda
         torch.cuda.set_rng_state(state['cuda'])
+    return True
 
 
 def shard(model, device_type, param_dtype=None, compile=False):

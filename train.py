@@ -13,7 +13,6 @@ import math
 import os
 import random
 import re
-import resource
 import signal
 import sys
 import threading
@@ -30,7 +29,7 @@ import fsdp
 from configurator import configure, die
 from data import Dataset
 from eval import build_model, char_accuracy, estimate_loss, inference_model, memory_pairs
-from model import ModelConfig, RMSNorm, peak_flops
+from model import ModelConfig, RMSNorm, peak_bytes, peak_flops
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -279,10 +278,8 @@ if resume:
     fsdp.load_state(model, optimizer, ckpt['model'], ckpt['optimizer'])  # by any process count
     scaler.load_state_dict(ckpt['scaler'])
     iter_num = ckpt['iter_num']
-    if len(ckpt['rng']) == world:  # every rank continues its own dropout stream
-        fsdp.set_rng_state(ckpt['rng'][rank], device_type)
-    else:  # another process count: fresh dropout streams, as from a new seed
-        torch.manual_seed(seed + rank + 1000003 * iter_num)
+    # every rank continues its own dropout stream; saved by another process count, fresh ones
+    if not fsdp.set_rng_state(ckpt['rng'], device_type, seed + rank + 1000003 * iter_num):
         log(f"resume: saved by {len(ckpt['rng'])} processes, now {world}: dropout re-seeded")
     del ckpt
 if warm_start:
@@ -479,12 +476,8 @@ while True:
         dt = (time.time() - t_log - t_eval) / log_interval  # .item() above waited for the device
         t_log, t_eval = time.time(), 0.0
         eta = dt * (max_iters - iter_num)
-        # peak memory so far: CUDA tensors, or the process's peak RSS on the CPU (ru_maxrss: KiB)
-        kib = 1 if sys.platform == 'darwin' else 1024
-        mem = torch.cuda.max_memory_allocated(device) if device_type == 'cuda' else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib
         row = {'iter': iter_num, 'loss': loss_val, 'lr': lr, 'ms': 1000 * dt,
-               'tok_s': tokens_per_iter / dt, 'mem_mb': mem / 2**20}
+               'tok_s': tokens_per_iter / dt, 'mem_mb': peak_bytes(device) / 2**20}
         if peak:
             row['mfu'] = flops_per_iter / dt / peak
         log(f"iter {iter_num} | loss {loss_val:.4f} | lr {lr:.1e} | {1000 * dt:.1f} ms | "
