@@ -6,7 +6,7 @@ back (torch.distributed.checkpoint.state_dict does the gathering), so a run resu
 merge_() / reinit_() are adapters.merge_ / reinit_ on sharded weights, equal to one process's, reset_state_() the
 optimizer's restart. On an unsharded model each of them is the plain single-process call, so train.py makes the
 same calls in every mode. The rest of the distributed set-up is here too: the process group, DDP wrapping,
-gradient sync, RNG states, errors on all ranks.
+gradient sync, one stop decision, RNG states, errors on all ranks, leaving together.
     torchrun --standalone --nproc_per_node=8 train.py config/alpaca_lora.py --parallel=fsdp
     python -m pytest -q tests/test_fsdp.py
 """
@@ -74,6 +74,24 @@ def everyone(error):
             print(f"error: {box[0]}", file=sys.stderr)
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(2)
+
+
+def agree(loss_sum: torch.Tensor, stop: bool):
+    """(the global batch's loss, whether any rank stops): one decision on every rank, a Ctrl-C on
+    any of them stops all. On CUDA the .item() syncs each step: the price of one decision."""
+    if not dist.is_initialized():
+        return loss_sum, stop
+    flags = torch.stack([loss_sum, torch.tensor(float(stop), device=loss_sum.device)])
+    dist.all_reduce(flags)
+    return flags[0] / dist.get_world_size(), flags[1].item() > 0
+
+
+def close():
+    """Leave the process group together (if any): a rank leaving while rank 0 still evals or saves
+    aborts gloo."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def rng_states(device_type: str) -> list:

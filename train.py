@@ -21,7 +21,6 @@ from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
 import adapters
 import checkpoint
@@ -215,12 +214,8 @@ method = {'full': None, 'lora': 'lora', 'relora': 'lora', 'mora': 'mora', 'remor
           'xgblora': 'booster'}[mode]
 kind = (mora_kind if mora_kind != 'auto' else 'share' if mode == 'remora' else
         adapters.default_kind(r))
-if method:
-    booster = method == 'booster'
-    adapter_params = setup(adapters.attach, model, method, targets, r=1 if booster else r,
-                           alpha=booster_scale if booster else alpha, kind=kind, dropout=dropout)
-else:
-    adapter_params = []
+adapter_params = setup(adapters.attach, model, method, targets, r=r, kind=kind, dropout=dropout,
+                       alpha=booster_scale if method == 'booster' else alpha) if method else []
 if sharded:  # from here on the parameters are this rank's shards (DTensors): collect them again
     mixed = ptdtype if device_type == 'cuda' and dtype != 'float32' else None
     fsdp.shard(model, device_type, mixed, compile)
@@ -460,11 +455,8 @@ while True:
         log(f"booster {iter_num // booster_steps}: merged, now training blocks "
             f"{sorted(boosters_at(iter_num))}")
 
-    stop = stop_requested.is_set()  # a Ctrl-C during this step: stop after it
-    if ddp:  # one decision on every rank: the global batch's loss; a Ctrl-C on any rank stops all
-        flags = torch.stack([loss_sum, torch.tensor(float(stop), device=device)])
-        dist.all_reduce(flags)  # (on CUDA .item() below syncs each step: the price of one decision)
-        loss_sum, stop = flags[0] / world, flags[1].item() > 0
+    # a Ctrl-C during this step stops after it: one decision on every rank (the global batch's loss)
+    loss_sum, stop = fsdp.agree(loss_sum, stop_requested.is_set())
     # a non-finite loss stops the run before any save, so ckpt.pt keeps the last good state. .item()
     # waits for the device: on CUDA that stalls each step, so check at log intervals (logs sync)
     if device_type == 'cpu' or iter_num % log_interval == 0:
@@ -494,8 +486,6 @@ elif master and not eval_only:
         f"{out_dir}/ckpt.pt" + (f"\nnote: {note}" if note else ''))
 if wandb and master:
     wandb.finish()
-if ddp:
-    dist.barrier()  # teardown together: a rank leaving while rank 0 still evals, saves aborts gloo
-    dist.destroy_process_group()
+fsdp.close()  # the ranks leave together
 if stop:
     sys.exit(130)
