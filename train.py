@@ -216,11 +216,11 @@ kind = (mora_kind if mora_kind != 'auto' else 'share' if mode == 'remora' else
         adapters.default_kind(r))
 adapter_params = setup(adapters.attach, model, method, targets, r=r, kind=kind, dropout=dropout,
                        alpha=booster_scale if method == 'booster' else alpha) if method else []
+adapted = [m for m in model.modules() if getattr(m, 'adapter', None) is not None]  # their Linears
 if sharded:  # from here on the parameters are this rank's shards (DTensors): collect them again
     mixed = ptdtype if device_type == 'cuda' and dtype != 'float32' else None
     fsdp.shard(model, device_type, mixed, compile)
-    adapter_params = [p for m in model.modules() if getattr(m, 'adapter', None) is not None
-                      for p in m.adapter.parameters()]
+    adapter_params = [p for m in adapted for p in m.adapter.parameters()]
 # in adapter modes, pretraining from scratch also trains embeddings, norms and head at full rank
 norms = [p for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()]
 rest = list(dict.fromkeys([model.embed_tokens.weight, model.lm_head.weight, *norms]))  # tied: once
@@ -234,7 +234,7 @@ if rest_params and base_dtype != 'float32' and dtype == 'float32':  # fp32 embed
         "train_rest=False, or base_dtype='float32'")
 for p in rest_params:  # trained over a half base: fp32 weights (and fp32 AdamW state) all the same
     p.data = p.data.float()
-adapted_weights = [m.weight for m in model.modules() if getattr(m, 'adapter', None) is not None]
+adapted_weights = [m.weight for m in adapted]
 trainable = [p for p in model.parameters() if p.requires_grad]
 trainable += adapted_weights if warm_start else []
 
@@ -321,9 +321,8 @@ def rewarmed(it, last, target):
 
 def boosters_at(it):
     """XGBLoRA: the blocks booster it // booster_steps trains, drawn without replacement."""
-    L = raw_model.config.n_layer
-    return set(random.Random(seed * 100003 + it // booster_steps).sample(range(L), booster_blocks
-                                                                         or max(1, L // 3)))
+    L, draw = raw_model.config.n_layer, random.Random(seed * 100003 + it // booster_steps)
+    return set(draw.sample(range(L), booster_blocks or max(1, L // 3)))
 
 
 def reinit_generator(it):
