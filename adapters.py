@@ -191,7 +191,6 @@ class _Adapter(nn.Module):
 class LoRA(_Adapter):
     """Δh = scale · B A dropout(x) [· gate]. gated: an XGBLoRA booster (r = 1, scale = s) whose gate
     is a saved 0-dim 0/1 buffer, 0 at attach: exactly zero output and grads. kw: device, dtype."""
-
     def __init__(self, in_features, out_features, r, scale, dropout=0.0, gated=False, **kw):
         super().__init__(dropout, method="booster" if gated else "lora", r=r, r_hat=None, kind=None,
                          scale=float(scale), in_features=in_features, out_features=out_features)
@@ -203,8 +202,7 @@ class LoRA(_Adapter):
     def fresh(self, generator=None) -> dict:
         """Init values, full size even if sharded: A Kaiming-uniform(a=√5) from generator, B = 0."""
         A, B = (torch.empty(p.shape, device=p.device, dtype=p.dtype) for p in (self.A, self.B))
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        return {"A": A, "B": B.zero_()}
+        return {"A": nn.init.kaiming_uniform_(A, a=5 ** 0.5, generator=generator), "B": B.zero_()}
 
     def forward(self, x):
         scale = self.scale if self.gate is None else self.scale * self.gate
@@ -216,7 +214,6 @@ class LoRA(_Adapter):
 class MoRA(_Adapter):
     """Δh = mora_forward(dropout(x), M, d, kind), M (r_hat, r_hat) = 0; r: the LoRA-equivalent rank
     that r_hat came from. Output in x's dtype. kw: device, dtype."""
-
     def __init__(self, in_features, out_features, r_hat, kind, r=None, dropout=0.0, **kw):
         _check(r_hat, in_features, out_features, kind)
         super().__init__(dropout, method="mora", r=r, r_hat=r_hat, kind=kind, scale=1.0,
@@ -240,16 +237,20 @@ def attach(model, method, targets=TARGETS, r=8, alpha=16.0, kind=None, dropout=0
         raise ValueError(f"unknown adapter method {method!r}; valid: {', '.join(METHODS)}")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
     valid = sorted({n.rsplit(".", 1)[-1] for n in layers})
-    if set(targets) - set(valid) or not targets:
-        bad = sorted(set(targets) - set(valid)) or list(targets)
+    bad = sorted(set(targets) - set(valid))
+    if bad or not targets:
         raise ValueError(f"target(s) {bad} match no adaptable layer; valid names: {valid}")
     kind, mora = kind or default_kind(r), method == "mora"
+    shapes = {n: (m.in_features, m.out_features) for n, m in layers.items()
+              if n.rsplit(".", 1)[-1] in targets}
+    limit = min(max(k, d) ** 2 // (k + d) if mora else max(k, d) for k, d in shapes.values())
+    if method != "booster" and r > limit:  # the rank (MoRA: r_hat = √((k+d)·r)) outgrows W
+        raise ValueError(f"r={r} is too large for the adapted layers: allowed 1..{limit} (rank at "
+                         "most max(in, out))")
     scale = {"lora": alpha / r, "mora": 1.0, "booster": float(alpha)}[method]
     plan = {n: dict(method=method, r=1 if method == "booster" else r, scale=scale,
-                    kind=kind if mora else None,
-                    r_hat=mora_rank(m.in_features, m.out_features, r, kind) if mora else None,
-                    in_features=m.in_features, out_features=m.out_features)
-            for n, m in layers.items() if n.rsplit(".", 1)[-1] in targets}
+                    kind=kind if mora else None, r_hat=mora_rank(k, d, r, kind) if mora else None,
+                    in_features=k, out_features=d) for n, (k, d) in shapes.items()}
     return load_adapters(model, plan, None, dropout)
 
 def settings(model) -> dict:
@@ -340,9 +341,8 @@ def merge_state_dict(base_sd: dict, settings: dict, adapter_sd: dict, alpha: flo
         pre, W = name + ".adapter.", base_sd[name + ".weight"]
         t = {k[len(pre):]: v.to(W.device) for k, v in adapter_sd.items() if k.startswith(pre)}
         W32 = W.to(_merge_dtype(W.dtype), copy=True)
+        out = {k: v for k, v in out.items() if not k.startswith(pre)}  # this layer's adapter keys
         out[name + ".weight"] = kernels.add_delta_(W32, s, t, alpha).to(W.dtype)
-        for key in [k for k in out if k.startswith(pre)]:
-            del out[key]
     return out
 
 def count_params(model) -> tuple:  # (trainable, total) parameter counts, shared tensors once

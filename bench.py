@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import adapters
 import kernels
-from model import LLaMA, ModelConfig
+from model import LLaMA, ModelConfig, peak_bytes
 
 
 def timeit(fn, repeats):
@@ -275,13 +275,6 @@ def bench_ops(args):
         n_full = n_full or ops.n
         extra = f" ({(ops.n - n_full) / (7 * cfg.n_layer):+.1f} per adapter)" if method else ""
         print(f"{name:>14} {ops.n:>6}{extra}")
-
-
-def peak_bytes(device):
-    """Peak memory of this process so far: CUDA tensors, or peak RSS (Linux ru_maxrss is KiB)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class SavedBytes(saved_tensors_hooks):

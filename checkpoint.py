@@ -2,7 +2,8 @@
 A run's files in out_dir, written by train.py and read back by eval.py, merge.py and sample.py:
 ckpt.pt (written atomically, read with weights_only=True after every record's CRC is checked), the
 fingerprint of the base it was trained on, the check a resume makes of its config, config.json
-(with the hash of the code that ran) and metrics.jsonl.
+(with the hash of the code that ran) and metrics.jsonl, its rows also in Weights & Biases with
+wandb_log.
     python -m pytest -q tests/test_checkpoint.py tests/test_errors.py
 """
 import hashlib
@@ -116,6 +117,34 @@ def start_metrics(out_dir, resume: bool, iter_num: int):
         f.writelines(rows)
 
 
-def append_metrics(out_dir, row: dict):
+def append_metrics(out_dir, row: dict, wandb=None):
+    """One row of metrics.jsonl; with wandb (tracker()), the same row at its step."""
     with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
         f.write(json.dumps(row) + '\n')
+    if wandb:
+        wandb.log(row, step=row['iter'])
+
+
+def tracker(wandb_log: bool):
+    """The wandb module if wandb_log (imported only then), else None."""
+    if not wandb_log:
+        return None
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError("wandb_log=True needs the wandb package: pip install wandb (or "
+                          "--wandb_log=False)") from e
+    return wandb
+
+
+def start_run(out_dir, config: dict, code_files, resume: bool, iter_num: int, wandb=None,
+              project='', name='') -> str:
+    """A run's files at its start: out_dir, config.json (write_config), metrics.jsonl
+    (start_metrics) and, with wandb, its wandb run (name '': out_dir's). Returns the git hash."""
+    os.makedirs(out_dir, exist_ok=True)
+    sha = write_config(out_dir, config, code_files)
+    start_metrics(out_dir, resume, iter_num)
+    if wandb:
+        wandb.init(project=project, name=name or os.path.basename(os.path.abspath(out_dir)),
+                   config=config)
+    return sha

@@ -27,9 +27,11 @@ def _checked(key, value, defaults, hints={}):  # value converted to the key's ty
         return want(value)  # int -> float promotion; a list given for a tuple key (or back)
     die(f"config key {key!r} expects {want.__name__}, got {type(value).__name__} {value!r}")
 
-def configure(globals_: dict, argv: list[str], source_file: str, keys: list[str] | None = None) -> dict:
+def configure(globals_: dict, argv: list[str], source_file: str, keys: list[str] | None = None,
+              choices: dict = {}, minimum: dict = {}) -> dict:
     """Apply config files and --key=value overrides from argv to globals_ (in place); return {key: value}. Keys default
-    to simple-typed lower-case names assigned at source_file's top level (or under `if __name__ == '__main__':`)."""
+    to simple-typed lower-case names assigned at source_file's top level (or under `if __name__ == '__main__':`).
+    Then each key in choices must take one of its values; with minimum, numbers >= theirs (0 if not named)."""
     src = open(source_file).read()
     comments = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
                 if t.type == tokenize.COMMENT}
@@ -67,5 +69,10 @@ def configure(globals_: dict, argv: list[str], source_file: str, keys: list[str]
         if isinstance(defaults.get(key), str) and not isinstance(value, str):
             value = text  # --out_dir=2024 stays a string for a string key
         config[key] = _checked(key, value, defaults, hints)
+    for k, v in config.items():
+        if k in choices and v not in choices[k]:
+            die(f"{k}={v!r} is not one of {' | '.join(choices[k])}")
+        if minimum and type(v) in (int, float) and v < minimum.get(k, 0):
+            die(f"{k}={v!r} must be >= {minimum.get(k, 0)}")
     globals_.update(config)
     return config

@@ -3,9 +3,10 @@ Fully sharded training for train.py (`--parallel=fsdp` under torchrun): PyTorch'
 every weight, gradient and optimizer moment over the processes; this file is what train.py needs around it.
 shard() wraps the model; gather_state() / load_state() turn shards into today's single-process ckpt.pt contents and
 back (torch.distributed.checkpoint.state_dict does the gathering), so a run resumes under any process count;
-merge_() / reinit_() are adapters.merge_ / reinit_ on sharded weights, equal to one process's. On an unsharded
-model each of them is the plain single-process call, so train.py makes the same calls in every mode. The rest of
-the distributed set-up is here too: the process group, DDP wrapping, gradient sync, RNG states, errors on all ranks.
+merge_() / reinit_() are adapters.merge_ / reinit_ on sharded weights, equal to one process's, reset_state_() the
+optimizer's restart. On an unsharded model each of them is the plain single-process call, so train.py makes the
+same calls in every mode. The rest of the distributed set-up is here too: the process group, DDP wrapping,
+gradient sync, one stop decision, RNG states, errors on all ranks, leaving together.
     torchrun --standalone --nproc_per_node=8 train.py config/alpaca_lora.py --parallel=fsdp
     python -m pytest -q tests/test_fsdp.py
 """
@@ -75,6 +76,24 @@ def everyone(error):
         os._exit(2)
 
 
+def agree(loss_sum: torch.Tensor, stop: bool):
+    """(the global batch's loss, whether any rank stops): one decision on every rank, a Ctrl-C on
+    any of them stops all. On CUDA the .item() syncs each step: the price of one decision."""
+    if not dist.is_initialized():
+        return loss_sum, stop
+    flags = torch.stack([loss_sum, torch.tensor(float(stop), device=loss_sum.device)])
+    dist.all_reduce(flags)
+    return flags[0] / dist.get_world_size(), flags[1].item() > 0
+
+
+def close():
+    """Leave the process group together (if any): a rank leaving while rank 0 still evals or saves
+    aborts gloo."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rng_states(device_type: str) -> list:
     """Every rank's RNG states, gathered (a collective: all ranks call it); rank i resumes i."""
     state = {'torch': torch.get_rng_state(),
@@ -86,11 +105,18 @@ def rng_states(device_type: str) -> list:
     return states
 
 
-def set_rng_state(state: dict, device_type: str):
-    """Continue the RNG streams of one rank's entry of rng_states()."""
+def set_rng_state(states: list, device_type: str, seed: int) -> bool:
+    """Continue this rank's RNG streams from rng_states()' list if as many processes saved it, else
+    start fresh ones from seed (another process count). Returns whether they continue."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if len(states) != world:
+        torch.manual_seed(seed)
+        return False
+    state = states[rank]
     torch.set_rng_state(state['torch'])
     if device_type == 'cuda' and state['cuda'] is not None:  # CPU runs: no cuda
         torch.cuda.set_rng_state(state['cuda'])
+    return True
 
 
 def shard(model, device_type, param_dtype=None, compile=False):
@@ -190,6 +216,19 @@ def reinit_(model, generator=None):
         if getattr(m, 'adapter', None) is not None:
             for name, value in m.adapter.fresh(generator).items():
                 _set_(getattr(m.adapter, name), value)
+
+
+def reset_state_(optimizer, params, prune: bool = False):
+    """Fresh optimizer state (moments, step) for these tensors only, or ReLoRA's 99% prune: each
+    moment keeps its largest 1% by magnitude, the whole tensor's even if sharded (all ranks call)."""
+    for p in params:
+        if prune and p in optimizer.state:
+            for key in ('exp_avg', 'exp_avg_sq'):
+                m = optimizer.state[p][key]
+                q = full(m).abs().flatten().kthvalue(max(1, int(0.99 * m.numel()))).values
+                m.mul_(m.abs() > q)  # q a tensor: no host sync
+        else:
+            optimizer.state.pop(p, None)
 
 
 def state_bytes(model, optimizer) -> dict:

@@ -9,6 +9,8 @@ import json
 import math
 import os
 import re
+import resource
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -438,3 +440,12 @@ def peak_flops(device):
     """The dense bf16 peak FLOP/s of a CUDA device, from PEAK_FLOPS by its name; None if not listed."""
     words = set(re.split(r'[\s-]+', torch.cuda.get_device_name(device)))
     return next((v for k, v in PEAK_FLOPS.items() if set(k.split()) <= words), None)
+
+
+def peak_bytes(device) -> int:
+    """Peak memory of this process so far: CUDA tensors on a CUDA device, else the peak RSS
+    (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    if 'cuda' in str(device):
+        return torch.cuda.max_memory_allocated(device)
+    kib = 1 if sys.platform == 'darwin' else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib

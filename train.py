@@ -13,7 +13,6 @@ import math
 import os
 import random
 import re
-import resource
 import signal
 import sys
 import threading
@@ -22,7 +21,6 @@ from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
 import adapters
 import checkpoint
@@ -30,7 +28,7 @@ import fsdp
 from configurator import configure, die
 from data import Dataset
 from eval import build_model, char_accuracy, estimate_loss, inference_model, memory_pairs
-from model import ModelConfig, RMSNorm, peak_flops
+from model import ModelConfig, RMSNorm, peak_bytes, peak_flops
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -102,10 +100,20 @@ loss_chunk = 512  # training CE over chunks of this many tokens: no (B, T, vocab
 seed = 1337  # model init, adapters, dropout, data order
 parallel = 'ddp'  # under torchrun: 'ddp' replicates the model, 'fsdp' shards weights, grads, state
 # -----------------------------------------------------------------------------
-config = configure(globals(), sys.argv[1:], __file__)
+# checked before anything is built: string keys take one of their choices, numbers >= 0 (sizes >= 1)
 MODES = ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora')
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+CHOICES = {'mode': MODES, 'mora_kind': ('auto', *adapters.KINDS),
+           'remora_cycle': tuple(adapters.CYCLES), 'optimizer_reset': ('clear', 'prune'),
+           'lr_envelope': ('jagged', 'rewarm'), 'decay_lr': ('cosine', 'linear', 'constant'),
+           'dtype': DTYPES, 'parallel': ('ddp', 'fsdp'), 'base_dtype': DTYPES}
+POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
+            'log_interval', 'eval_iters', 'booster_steps', 'n_layer', 'n_head', 'n_kv_head',
+            'n_embd', 'intermediate_size')
+config = configure(globals(), sys.argv[1:], __file__, choices=CHOICES,
+                   minimum={**dict.fromkeys(POSITIVE, 1), 'char_acc_pairs': -1})
 CODE = ('train.py', 'model.py', 'adapters.py', 'kernels.py', 'checkpoint.py', 'eval.py',
-        'configurator.py', 'tokenizer.py', 'data/__init__.py')
+        'fsdp.py', 'configurator.py', 'tokenizer.py', 'data/__init__.py')
 # keys a resumed run may change; any other difference is refused (out_dir: a moved run dir resumes)
 MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs',
               'eval_only', 'resume', 'compile', 'device', 'out_dir', 'note', 'parallel',
@@ -119,32 +127,14 @@ def setup(fn, *args, **kwargs):  # a setup step: expected failures (missing file
         die(e)
 
 
-# checked before anything is built: string keys take one of their choices, numbers >= 0 (sizes >= 1)
-DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
-CHOICES = {'mode': MODES, 'mora_kind': ('auto', *adapters.KINDS),
-           'remora_cycle': tuple(adapters.CYCLES), 'optimizer_reset': ('clear', 'prune'),
-           'lr_envelope': ('jagged', 'rewarm'), 'decay_lr': ('cosine', 'linear', 'constant'),
-           'dtype': DTYPES, 'parallel': ('ddp', 'fsdp'), 'base_dtype': DTYPES}
-POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
-            'log_interval', 'eval_iters', 'booster_steps', 'n_layer', 'n_head', 'n_kv_head',
-            'n_embd', 'intermediate_size')
-for k, v in config.items():
-    if k in CHOICES and v not in CHOICES[k]:
-        die(f"{k}={v!r} is not one of {' | '.join(CHOICES[k])}")
-    low = 1 if k in POSITIVE else -1 if k == 'char_acc_pairs' else 0
-    if type(v) in (int, float) and v < low:
-        die(f"{k}={v!r} must be >= {low}")
 restarts = mode in ('relora', 'remora')
+prune = optimizer_reset == 'prune'  # at each restart or booster merge (fsdp.reset_state_)
 if merge_every and not restarts:
     die(f"merge_every={merge_every} needs mode relora or remora, got mode={mode!r}")
 if restarts and not merge_every:  # a restart mode that never restarts is silently its plain twin
     die(f"mode={mode!r} merges every merge_every steps: set merge_every >= 1 (0 trains plain "
         f"{mode[2:]})")
-if wandb_log:  # the tracker is optional: imported only when on, found missing before any build
-    try:
-        import wandb
-    except ImportError:
-        die("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)")
+wandb = setup(checkpoint.tracker, wandb_log)  # optional: imported only when on, before any build
 if mode == 'remora' and mora_kind not in ('auto', *adapters.SHARE_KINDS):
     die(f"remora switches between share kinds; mora_kind={mora_kind!r} is not one of "
         + ' | '.join(adapters.SHARE_KINDS))
@@ -224,23 +214,13 @@ method = {'full': None, 'lora': 'lora', 'relora': 'lora', 'mora': 'mora', 'remor
           'xgblora': 'booster'}[mode]
 kind = (mora_kind if mora_kind != 'auto' else 'share' if mode == 'remora' else
         adapters.default_kind(r))
-if method:
-    booster = method == 'booster'
-    adapter_params = setup(adapters.attach, model, method, targets, r=1 if booster else r,
-                           alpha=booster_scale if booster else alpha, kind=kind, dropout=dropout)
-    # an adapter whose rank (MoRA: r_hat = sqrt((in+out)*r)) exceeds max(in, out) outgrows W
-    limit = min(max(k, d) ** 2 // (k + d) if method == 'mora' else max(k, d) for k, d in
-                ((s['in_features'], s['out_features']) for s in adapters.settings(model).values()))
-    if method != 'booster' and r > limit:
-        die(f"r={r} is too large for the adapted layers: allowed 1..{limit} (rank at most "
-            "max(in, out))")
-else:
-    adapter_params = []
+adapter_params = setup(adapters.attach, model, method, targets, r=r, kind=kind, dropout=dropout,
+                       alpha=booster_scale if method == 'booster' else alpha) if method else []
+adapted = [m for m in model.modules() if getattr(m, 'adapter', None) is not None]  # their Linears
 if sharded:  # from here on the parameters are this rank's shards (DTensors): collect them again
     mixed = ptdtype if device_type == 'cuda' and dtype != 'float32' else None
     fsdp.shard(model, device_type, mixed, compile)
-    adapter_params = [p for m in model.modules() if getattr(m, 'adapter', None) is not None
-                      for p in m.adapter.parameters()]
+    adapter_params = [p for m in adapted for p in m.adapter.parameters()]
 # in adapter modes, pretraining from scratch also trains embeddings, norms and head at full rank
 norms = [p for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()]
 rest = list(dict.fromkeys([model.embed_tokens.weight, model.lm_head.weight, *norms]))  # tied: once
@@ -254,7 +234,7 @@ if rest_params and base_dtype != 'float32' and dtype == 'float32':  # fp32 embed
         "train_rest=False, or base_dtype='float32'")
 for p in rest_params:  # trained over a half base: fp32 weights (and fp32 AdamW state) all the same
     p.data = p.data.float()
-adapted_weights = [m.weight for m in model.modules() if getattr(m, 'adapter', None) is not None]
+adapted_weights = [m.weight for m in adapted]
 trainable = [p for p in model.parameters() if p.requires_grad]
 trainable += adapted_weights if warm_start else []
 
@@ -293,10 +273,8 @@ if resume:
     fsdp.load_state(model, optimizer, ckpt['model'], ckpt['optimizer'])  # by any process count
     scaler.load_state_dict(ckpt['scaler'])
     iter_num = ckpt['iter_num']
-    if len(ckpt['rng']) == world:  # every rank continues its own dropout stream
-        fsdp.set_rng_state(ckpt['rng'][rank], device_type)
-    else:  # another process count: fresh dropout streams, as from a new seed
-        torch.manual_seed(seed + rank + 1000003 * iter_num)
+    # every rank continues its own dropout stream; saved by another process count, fresh ones
+    if not fsdp.set_rng_state(ckpt['rng'], device_type, seed + rank + 1000003 * iter_num):
         log(f"resume: saved by {len(ckpt['rng'])} processes, now {world}: dropout re-seeded")
     del ckpt
 if warm_start:
@@ -343,27 +321,13 @@ def rewarmed(it, last, target):
 
 def boosters_at(it):
     """XGBLoRA: the blocks booster it // booster_steps trains, drawn without replacement."""
-    L = raw_model.config.n_layer
-    return set(random.Random(seed * 100003 + it // booster_steps).sample(range(L), booster_blocks
-                                                                         or max(1, L // 3)))
+    L, draw = raw_model.config.n_layer, random.Random(seed * 100003 + it // booster_steps)
+    return set(draw.sample(range(L), booster_blocks or max(1, L // 3)))
 
 
 def reinit_generator(it):
     """The adapter draws of the restart or booster merge at step it, the same on every rank."""
     return torch.Generator(device).manual_seed(seed * 1000003 + it)
-
-
-def reset_state(params):
-    """Fresh optimizer state for these tensors only (moments, step), or ReLoRA's 99% prune."""
-    for p in params:
-        if optimizer_reset == 'prune' and p in optimizer.state:
-            for key in ('exp_avg', 'exp_avg_sq'):
-                m = optimizer.state[p][key]  # the threshold of the whole tensor, even if sharded
-                q = fsdp.full(m).abs().flatten().kthvalue(max(1, int(0.99 * m.numel()))).values
-                m.mul_(m.abs() > q.item())
-                m.mul_(m.abs() > q)
-        else:
-            optimizer.state.pop(p, None)
 
 
 def save(rng):
@@ -379,11 +343,9 @@ def save(rng):
             out_dir)
 
 
-def write_metrics(row):
+def write_metrics(row):  # metrics.jsonl, and the same rows in wandb with wandb_log
     if master:
-        checkpoint.append_metrics(out_dir, row)
-        if wandb_log:  # the same rows, keyed by step
-            wandb.log(row, step=row['iter'])
+        checkpoint.append_metrics(out_dir, row, wandb)
 
 
 # -----------------------------------------------------------------------------
@@ -391,8 +353,9 @@ def write_metrics(row):
 stop_requested = threading.Event()
 signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.set())
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    sha = checkpoint.write_config(out_dir, config, CODE)  # with the hash of the code that ran
+    # out_dir, config.json (with the hash of the code that ran), metrics.jsonl, the wandb run
+    sha = checkpoint.start_run(out_dir, config, CODE, resume, iter_num, wandb, wandb_project,
+                               wandb_run_name)
     log(f"torch {torch.__version__} | device {device} | dtype {dtype} | compile {compile} | "
         f"world {world} | git {sha or '?'}")
     log("config: " + json.dumps({k: v for k, v in config.items() if k != 'model_config'}))
@@ -403,10 +366,6 @@ if master:
     if method == 'booster':
         log(f"xgblora: {n_train:,} booster params on {len(adapted_weights)} layers, "
             f"~{n_train * len(boosters_at(0)) // raw_model.config.n_layer:,} trained per booster")
-    if wandb_log:
-        name = wandb_run_name or os.path.basename(os.path.abspath(out_dir))
-        wandb.init(project=wandb_project, name=name, config=config)
-    checkpoint.start_metrics(out_dir, resume, iter_num)
 pairs = memory_pairs(ds, char_acc_pairs)
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 flops_per_iter *= 1 if mode == 'full' else 2 / 3  # adapters: no weight-gradient matmuls
@@ -483,23 +442,20 @@ while True:
         if mode == 'remora':
             kind = adapters.next_kind(kind, remora_cycle)
             adapters.switch_kind_(raw_model, kind)
-        reset_state(adapter_params)  # and LR drops to 0 and re-warms: get_lr knows
+        fsdp.reset_state_(optimizer, adapter_params, prune)  # and LR drops to 0: get_lr knows
         log(f"restart at {iter_num}: merged {len(adapted_weights)} layers, adapters re-initialised"
             + (f", next kind {kind}" if mode == 'remora' else '')
-            + f", optimizer state {'cleared' if optimizer_reset == 'clear' else 'pruned'}")
+            + f", optimizer state {'pruned' if prune else 'cleared'}")
     if method == 'booster' and iter_num % booster_steps == 0:
         fsdp.merge_(raw_model, alpha=booster_alpha)  # only gated-on boosters carry a dW
         fsdp.reinit_(raw_model, reinit_generator(iter_num))
-        reset_state(adapter_params)
+        fsdp.reset_state_(optimizer, adapter_params, prune)
         adapters.set_gates_(raw_model, boosters_at(iter_num))
         log(f"booster {iter_num // booster_steps}: merged, now training blocks "
             f"{sorted(boosters_at(iter_num))}")
 
-    stop = stop_requested.is_set()  # a Ctrl-C during this step: stop after it
-    if ddp:  # one decision on every rank: the global batch's loss; a Ctrl-C on any rank stops all
-        flags = torch.stack([loss_sum, torch.tensor(float(stop), device=device)])
-        dist.all_reduce(flags)  # (on CUDA .item() below syncs each step: the price of one decision)
-        loss_sum, stop = flags[0] / world, flags[1].item() > 0
+    # a Ctrl-C during this step stops after it: one decision on every rank (the global batch's loss)
+    loss_sum, stop = fsdp.agree(loss_sum, stop_requested.is_set())
     # a non-finite loss stops the run before any save, so ckpt.pt keeps the last good state. .item()
     # waits for the device: on CUDA that stalls each step, so check at log intervals (logs sync)
     if device_type == 'cpu' or iter_num % log_interval == 0:
@@ -511,12 +467,8 @@ while True:
         dt = (time.time() - t_log - t_eval) / log_interval  # .item() above waited for the device
         t_log, t_eval = time.time(), 0.0
         eta = dt * (max_iters - iter_num)
-        # peak memory so far: CUDA tensors, or the process's peak RSS on the CPU (ru_maxrss: KiB)
-        kib = 1 if sys.platform == 'darwin' else 1024
-        mem = torch.cuda.max_memory_allocated(device) if device_type == 'cuda' else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib
         row = {'iter': iter_num, 'loss': loss_val, 'lr': lr, 'ms': 1000 * dt,
-               'tok_s': tokens_per_iter / dt, 'mem_mb': mem / 2**20}
+               'tok_s': tokens_per_iter / dt, 'mem_mb': peak_bytes(device) / 2**20}
         if peak:
             row['mfu'] = flops_per_iter / dt / peak
         log(f"iter {iter_num} | loss {loss_val:.4f} | lr {lr:.1e} | {1000 * dt:.1f} ms | "
@@ -531,10 +483,8 @@ if stop:
 elif master and not eval_only:
     log(f"done: {iter_num} iters in {(time.time() - t_start) / 60:.1f} min | {evals} | checkpoint "
         f"{out_dir}/ckpt.pt" + (f"\nnote: {note}" if note else ''))
-if wandb_log and master:
+if wandb and master:
     wandb.finish()
-if ddp:
-    dist.barrier()  # teardown together: a rank leaving while rank 0 still evals, saves aborts gloo
-    dist.destroy_process_group()
+fsdp.close()  # the ranks leave together
 if stop:
     sys.exit(130)

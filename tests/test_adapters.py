@@ -359,6 +359,19 @@ def test_reinit_switch_kind_and_errors():
         A.switch_kind_(model, "share")
 
 
+def test_attach_refuses_a_rank_that_outgrows_the_layers():
+    """r at most what keeps every adapted layer's rank <= max(in, out): LoRA's r, MoRA's r_hat = √((k+d)·r)."""
+    model = tiny_model()
+    A.attach(model, "lora", r=64)  # q_proj 64 -> 64 is the tightest layer: r <= 64, r_hat = √(128 r) <= 64
+    A.attach(model, "mora", r=32, kind="share")
+    with pytest.raises(ValueError, match=r"^r=65 is too large for the adapted layers: allowed 1\.\.64 \(rank"):
+        A.attach(model, "lora", r=65)
+    with pytest.raises(ValueError, match=r"allowed 1\.\.32 "):
+        A.attach(model, "mora", r=33, kind="share")
+    with pytest.raises(ValueError, match=r"allowed 1\.\.42 "):  # k_proj 64 -> 32 alone: √(96 r) <= 64
+        A.attach(model, "mora", targets=("k_proj",), r=43, kind="share")
+    A.attach(model, "booster", r=1000)  # boosters are rank 1 whatever r
+
 def test_booster_gates():
     model = tiny_model()
     params = A.attach(model, "booster", alpha=2.0)
