@@ -135,9 +135,10 @@ if restarts and not merge_every:  # a restart mode that never restarts is silent
     die(f"mode={mode!r} merges every merge_every steps: set merge_every >= 1 (0 trains plain "
         f"{mode[2:]})")
 wandb = setup(checkpoint.tracker, wandb_log)  # optional: imported only when on, before any build
-if mode == 'remora' and mora_kind not in ('auto', *adapters.SHARE_KINDS):
-    die(f"remora switches between share kinds; mora_kind={mora_kind!r} is not one of "
-        + ' | '.join(adapters.SHARE_KINDS))
+cycle = adapters.CYCLES[remora_cycle]  # ReMoRA's kinds, one per restart period
+if mode == 'remora' and mora_kind not in ('auto', *cycle):
+    die(f"remora's {remora_cycle!r} cycle switches between {' | '.join(cycle)}; "
+        f"mora_kind={mora_kind!r} is not one of them")
 if init_from == 'scratch' and (n_head % n_kv_head or n_embd % n_head):
     die(f"n_head={n_head} must be a multiple of n_kv_head={n_kv_head}, and n_embd={n_embd} of "
         "n_head")

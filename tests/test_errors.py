@@ -74,6 +74,9 @@ BAD_CONFIGS = [
     (['--mode=loraa'], "mode='loraa'", 'full | lora | mora | relora | remora | xgblora'),
     (['--mode=lora', '--mora_kind=spin'], "mora_kind='spin'", 'auto | share'),  # ignored by lora, but unknown
     (['--mode=remora', '--mora_kind=rope', '--merge_every=2'], "mora_kind='rope'", 'share | share_group'),
+    # a share kind outside the paper's cycle would train until its first restart, then fail there
+    (['--mode=remora', '--mora_kind=share_group_tile', '--merge_every=2'], "mora_kind='share_group_tile'",
+     "'paper' cycle switches between share | share_group"),
     (['--mode=lora', '--merge_every=5'], 'merge_every=5', 'relora or remora'),
     (['--mode=relora'], "mode='relora'", 'set merge_every >= 1'),
     (['--learning_rate=-1e-3'], 'learning_rate=-0.001', '>= 0'),
