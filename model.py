@@ -49,7 +49,7 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 and cast back (as HF LlamaRMSNorm)."""
+    """x / rms(x) * weight, computed in fp32 and cast back (as HF LlamaRMSNorm); under autocast to its dtype."""
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -58,7 +58,10 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        y = self.weight * h.to(x.dtype)
+        if torch.is_autocast_enabled(x.device.type):  # the matmuls reading it would each cast it again: once here
+            y = y.to(torch.get_autocast_dtype(x.device.type))
+        return y
 
 
 def rope_tables(config: ModelConfig):
