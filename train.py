@@ -112,12 +112,6 @@ POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eva
             'n_embd', 'intermediate_size')
 config = configure(globals(), sys.argv[1:], __file__, choices=CHOICES,
                    minimum={**dict.fromkeys(POSITIVE, 1), 'char_acc_pairs': -1})
-CODE = ('train.py', 'model.py', 'adapters.py', 'kernels.py', 'checkpoint.py', 'eval.py',
-        'fsdp.py', 'configurator.py', 'tokenizer.py', 'data/__init__.py')
-# keys a resumed run may change; any other difference is refused (out_dir: a moved run dir resumes)
-MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs',
-              'eval_only', 'resume', 'compile', 'device', 'out_dir', 'note', 'parallel',
-              'wandb_log', 'wandb_project', 'wandb_run_name')
 
 
 def setup(fn, *args, **kwargs):  # a setup step: expected failures (missing file, offline) -> die
@@ -250,14 +244,9 @@ def hand_over(full_rank):
         p.requires_grad_(not full_rank)
 n_train = sum(p.numel() for p in dict.fromkeys(trainable))
 n_total = sum(p.numel() for p in model.parameters())
-
-# what a checkpoint must hold: every tensor that can differ from the base
-moves_base = mode in ('relora', 'remora', 'xgblora') or warm_start > 0
-saved = {id(p) for p in trainable} | ({id(p) for p in adapted_weights} if moves_base else set())
-saved_keys = [k for k, p in model.state_dict(keep_vars=True).items()
-              if id(p) in saved or mode == 'full']
-saved_keys += list(adapters.adapter_state_dict(model))  # adapter tensors and buffers (gates)
-
+# what a checkpoint must hold: every tensor that can differ from the base (merges move the weights)
+moved = adapted_weights if mode in ('relora', 'remora', 'xgblora') or warm_start else []
+saved_keys = checkpoint.saved_keys(model, trainable + moved, everything=mode == 'full')
 decay = [p for p in dict.fromkeys(trainable) if p.dim() >= 2]
 no_decay = [p for p in dict.fromkeys(trainable) if p.dim() < 2]
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
@@ -267,7 +256,7 @@ optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
 torch.manual_seed(seed + rank)  # dropout: each rank its own stream
 iter_num = 0
 if resume:
-    ckpt = setup(checkpoint.load_for_resume, out_dir, config, MAY_CHANGE, base_fingerprint)
+    ckpt = setup(checkpoint.load_for_resume, out_dir, config, base_fingerprint)
     if mode == 'remora':  # a ReMoRA run's current kind comes from the checkpoint, never the config
         kind = next(iter(ckpt['adapters'].values()))['kind']
         adapters.switch_kind_(model, kind)
@@ -353,10 +342,8 @@ def write_metrics(row):  # metrics.jsonl, and the same rows in wandb with wandb_
 # a Ctrl-C is acted on at the next step boundary: the checkpoint resumes bit-exactly
 stop_requested = threading.Event()
 signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.set())
-if master:
-    # out_dir, config.json (with the hash of the code that ran), metrics.jsonl, the wandb run
-    sha = checkpoint.start_run(out_dir, config, CODE, resume, iter_num, wandb, wandb_project,
-                               wandb_run_name)
+if master:  # out_dir, config.json (with the hash of the code that ran), metrics.jsonl, wandb run
+    sha = checkpoint.start_run(out_dir, config, resume, iter_num, wandb)
     log(f"torch {torch.__version__} | device {device} | dtype {dtype} | compile {compile} | "
         f"world {world} | git {sha or '?'}")
     log("config: " + json.dumps({k: v for k, v in config.items() if k != 'model_config'}))
