@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import sys
 import threading
@@ -136,20 +135,10 @@ if mode == 'remora' and mora_kind not in ('auto', *cycle):
 if init_from == 'scratch' and (n_head % n_kv_head or n_embd % n_head):
     die(f"n_head={n_head} must be a multiple of n_kv_head={n_kv_head}, and n_embd={n_embd} of "
         "n_head")
-if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', device):
-    die(f"device={device!r} is not one of auto | cpu | cuda | cuda:<index>")
-if 'cuda' in device and not torch.cuda.is_available():
-    die(f"device={device!r} but torch {torch.__version__} sees no CUDA GPU (use --device=cpu)")
 
-# derived settings (after overrides)
-ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun (parallel: how ranks share it)
-if parallel == 'fsdp' and not ddp:
-    die("parallel='fsdp' shards the model over torchrun's processes: torchrun --nproc_per_node=N "
-        "train.py ...")
-sharded = ddp and parallel == 'fsdp'
-rank, world, device = fsdp.init(device) if ddp else (0, 1, device)
-master = rank == 0
-device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+# derived settings (after overrides); ddp: launched by torchrun (parallel: how its ranks share it)
+ddp, rank, world, device = fsdp.init(device, parallel)  # the process group; device auto resolved
+sharded, master = ddp and parallel == 'fsdp', rank == 0
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 if dtype == 'auto':  # bf16 where matmuls run natively in bf16: CUDA, CPUs with AVX-512 BF16 or AMX
     bf16 = (torch.cuda.is_bf16_supported() if device_type == 'cuda' else
@@ -255,17 +244,12 @@ optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
 
 torch.manual_seed(seed + rank)  # dropout: each rank its own stream
 iter_num = 0
-if resume:
+if resume:  # where ckpt.pt stopped, saved by any process count; each rank its own dropout stream
     ckpt = setup(checkpoint.load_for_resume, out_dir, config, base_fingerprint)
     if mode == 'remora':  # a ReMoRA run's current kind comes from the checkpoint, never the config
         kind = next(iter(ckpt['adapters'].values()))['kind']
         adapters.switch_kind_(model, kind)
-    fsdp.load_state(model, optimizer, ckpt['model'], ckpt['optimizer'])  # by any process count
-    scaler.load_state_dict(ckpt['scaler'])
-    iter_num = ckpt['iter_num']
-    # every rank continues its own dropout stream; saved by another process count, fresh ones
-    if not fsdp.set_rng_state(ckpt['rng'], device_type, seed + rank + 1000003 * iter_num):
-        log(f"resume: saved by {len(ckpt['rng'])} processes, now {world}: dropout re-seeded")
+    iter_num = fsdp.resume_(model, optimizer, scaler, ckpt, device_type, seed + rank)
     del ckpt
 if warm_start:
     hand_over(full_rank=iter_num < warm_start)
