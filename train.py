@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 
 import torch
 
@@ -27,7 +26,7 @@ import fsdp
 from configurator import configure, die
 from data import Dataset
 from eval import build_model, char_accuracy, estimate_loss, inference_model, memory_pairs
-from model import ModelConfig, RMSNorm, peak_bytes, peak_flops
+from model import RMSNorm, peak_bytes, peak_flops, resolve_dtypes, scratch_config
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -132,32 +131,17 @@ cycle = adapters.CYCLES[remora_cycle]  # ReMoRA's kinds, one per restart period
 if mode == 'remora' and mora_kind not in ('auto', *cycle):
     die(f"remora's {remora_cycle!r} cycle switches between {' | '.join(cycle)}; "
         f"mora_kind={mora_kind!r} is not one of them")
-if init_from == 'scratch' and (n_head % n_kv_head or n_embd % n_head):
-    die(f"n_head={n_head} must be a multiple of n_kv_head={n_kv_head}, and n_embd={n_embd} of "
-        "n_head")
 
 # derived settings (after overrides); ddp: launched by torchrun (parallel: how its ranks share it)
 ddp, rank, world, device = fsdp.init(device, parallel)  # the process group; device auto resolved
 sharded, master = ddp and parallel == 'fsdp', rank == 0
 device_type = 'cuda' if 'cuda' in device else 'cpu'
-if dtype == 'auto':  # bf16 where matmuls run natively in bf16: CUDA, CPUs with AVX-512 BF16 or AMX
-    bf16 = (torch.cuda.is_bf16_supported() if device_type == 'cuda' else
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    dtype = 'bfloat16' if bf16 else 'float32'
-config['dtype'] = dtype  # resolved: eval.py evaluates the run in it, a resume keeps it
+# autocast and base precision, auto resolved (model.resolve_dtypes); eval.py and a resume keep them
+trains_base = "mode='full'" if mode == 'full' else f"warm_start={warm_start}" if warm_start else ''
+dtype, base_dtype = setup(resolve_dtypes, dtype, base_dtype, device_type, trains_base,
+                          merges=mode not in ('lora', 'mora'))
+config['dtype'], config['base_dtype'] = dtype, base_dtype
 compile = device_type == 'cuda' if compile is None else compile
-if base_dtype == 'auto':  # half only where all base weights stay frozen (full, warm_start train);
-    # on a CPU only where nothing merges into it either (restarts, boosters): their merges stay fp32
-    half_ok = mode != 'full' and not warm_start and (
-        torch.cuda.is_bf16_supported() if device_type == 'cuda' else
-        dtype == 'bfloat16' and mode in ('lora', 'mora'))
-    base_dtype = 'bfloat16' if half_ok else 'float32'
-if base_dtype != 'float32' and (mode == 'full' or warm_start):
-    die(f"base_dtype={base_dtype!r} stores the frozen base in half precision, but "
-        + ("mode='full'" if mode == 'full' else f"warm_start={warm_start}") + " trains the base "
-        "weights, which keep fp32 master weights: use base_dtype='float32' (or 'auto'; dtype= sets "
-        "the autocast precision)")
-config['base_dtype'] = base_dtype  # resolved: the base is built, fingerprinted, resumed in it
 if gradient_accumulation_steps % world:
     die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
         f"process count {world}")
@@ -178,18 +162,11 @@ log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
 ds = setup(Dataset, os.path.join('data', dataset))
 tok = setup(load_tokenizer, tokenizer or ('byte' if init_from == 'scratch' else init_from))
 config['tokenizer'] = tok.spec
-if init_from == 'scratch':
-    # pad the vocab to a multiple of 64 for faster matmuls, as nanoGPT does
-    config['model_config'] = asdict(ModelConfig(
-        vocab_size=(tok.n_vocab + 63) // 64 * 64, block_size=block_size, n_layer=n_layer,
-        n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size,
-        rope_theta=rope_theta, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
+if init_from == 'scratch':  # the shape keys above (model.scratch_config: the vocab padded to 64s)
+    config['model_config'] = setup(scratch_config, config, tok.n_vocab, tok.bos_id, tok.eos_id)
 model = setup(build_model, config, 'cpu' if sharded else device)  # sharded: ranks move their shards
 model.grad_checkpoint, model.loss_chunk = grad_checkpoint, loss_chunk  # read by forward in training
-if tok.n_vocab > model.config.vocab_size:
-    die(f"tokenizer {tok.spec!r} has {tok.n_vocab} tokens > model vocab_size "
-        f"{model.config.vocab_size} (tokenizer='': the base's)")
-setup(ds.check, model.config.vocab_size, block_size, tok.spec)
+setup(ds.check, model.config.vocab_size, block_size, tok.spec, tok.n_vocab)  # data, tokenizer fit
 if mode == 'xgblora' and booster_blocks > model.config.n_layer:
     die(f"booster_blocks={booster_blocks} must be 0 (n_layer // 3) or 1..{model.config.n_layer} "
         "(the model's n_layer)")
