@@ -7,23 +7,13 @@ $ torchrun --standalone --nproc_per_node=2 train.py config/pretrain_remora.py   
 $ torchrun --standalone --nproc_per_node=8 train.py config/alpaca_lora.py --parallel=fsdp  # FSDP2
 $ python train.py --help                                      # every key with its comment
 """
-import functools
-import json
-import math
-import os
-import random
-import signal
-import sys
-import threading
-import time
+import functools, json, math, os, random, signal, sys, threading, time
 from contextlib import nullcontext
 
 import torch
 
-import adapters
-import checkpoint
-import fsdp
-from configurator import configure, die
+import adapters, checkpoint, fsdp
+from configurator import configure, die, setup
 from data import Dataset
 from eval import build_model, char_accuracy, estimate_loss, inference_model, memory_pairs
 from model import RMSNorm, peak_bytes, peak_flops, resolve_dtypes, scratch_config
@@ -99,25 +89,17 @@ seed = 1337  # model init, adapters, dropout, data order
 parallel = 'ddp'  # under torchrun: 'ddp' replicates the model, 'fsdp' shards weights, grads, state
 # -----------------------------------------------------------------------------
 # checked before anything is built: string keys take one of their choices, numbers >= 0 (sizes >= 1)
-MODES = ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora')
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
-CHOICES = {'mode': MODES, 'mora_kind': ('auto', *adapters.KINDS),
-           'remora_cycle': tuple(adapters.CYCLES), 'optimizer_reset': ('clear', 'prune'),
-           'lr_envelope': ('jagged', 'rewarm'), 'decay_lr': ('cosine', 'linear', 'constant'),
-           'dtype': DTYPES, 'parallel': ('ddp', 'fsdp'), 'base_dtype': DTYPES}
+CHOICES = {'mode': ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora'),
+           'mora_kind': ('auto', *adapters.KINDS), 'remora_cycle': tuple(adapters.CYCLES),
+           'optimizer_reset': ('clear', 'prune'), 'lr_envelope': ('jagged', 'rewarm'),
+           'decay_lr': ('cosine', 'linear', 'constant'), 'dtype': DTYPES, 'base_dtype': DTYPES,
+           'parallel': ('ddp', 'fsdp')}
 POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
             'log_interval', 'eval_iters', 'booster_steps', 'n_layer', 'n_head', 'n_kv_head',
             'n_embd', 'intermediate_size')
 config = configure(globals(), sys.argv[1:], __file__, choices=CHOICES,
                    minimum={**dict.fromkeys(POSITIVE, 1), 'char_acc_pairs': -1})
-
-
-def setup(fn, *args, **kwargs):  # a setup step: expected failures (missing file, offline) -> die
-    try:
-        return fn(*args, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
-        die(e)
-
 
 restarts = mode in ('relora', 'remora')
 prune = optimizer_reset == 'prune'  # at each restart or booster merge (fsdp.reset_state_)
@@ -146,13 +128,11 @@ if gradient_accumulation_steps % world:
     die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
         f"process count {world}")
 grad_accum = gradient_accumulation_steps // world
-lr_decay_iters = lr_decay_iters or max_iters
-min_lr = min_lr or learning_rate / 10
+lr_decay_iters, min_lr = lr_decay_iters or max_iters, min_lr or learning_rate / 10
 torch.manual_seed(seed)  # the model and adapters: the same on every rank
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+amp = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]  # autocast's
+ctx = nullcontext() if amp is None else torch.autocast(device_type, dtype=amp)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # fp16 grads underflow
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)  # flushed, for tee
@@ -179,8 +159,7 @@ adapter_params = setup(adapters.attach, model, method, targets, r=r, kind=kind, 
                        alpha=booster_scale if method == 'booster' else alpha) if method else []
 adapted = [m for m in model.modules() if getattr(m, 'adapter', None) is not None]  # their Linears
 if sharded:  # from here on the parameters are this rank's shards (DTensors): collect them again
-    mixed = ptdtype if device_type == 'cuda' and dtype != 'float32' else None
-    fsdp.shard(model, device_type, mixed, compile)
+    fsdp.shard(model, device_type, amp if device_type == 'cuda' else None, compile)
     adapter_params = [p for m in adapted for p in m.adapter.parameters()]
 # in adapter modes, pretraining from scratch also trains embeddings, norms and head at full rank
 norms = [p for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()]
@@ -198,7 +177,6 @@ for p in rest_params:  # trained over a half base: fp32 weights (and fp32 AdamW 
 adapted_weights = [m.weight for m in adapted]
 trainable = [p for p in model.parameters() if p.requires_grad]
 trainable += adapted_weights if warm_start else []
-
 
 def hand_over(full_rank):
     """warm_start: the adapted weights train at full rank (full_rank=True), then the adapters do."""
@@ -218,7 +196,6 @@ no_decay = [p for p in dict.fromkeys(trainable) if p.dim() < 2]
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
                                {'params': no_decay, 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
-
 torch.manual_seed(seed + rank)  # dropout: each rank its own stream
 iter_num = 0
 if resume:  # where ckpt.pt stopped, saved by any process count; each rank its own dropout stream
@@ -234,14 +211,12 @@ if warm_start:
 raw_model = model  # uncompiled handle for saving, eval and merges (no _orig_mod. keys)
 model = fsdp.wrap(raw_model, compile, ddp, device_type)  # compiled, DDP (sharded: as it is)
 
-
 def envelope(it, start, peak):
     """Decay from peak at step start to min_lr at lr_decay_iters (cosine, linear or constant)."""
     ratio = min(1.0, (it - start) / max(lr_decay_iters - start, 1))
     coeff = {'cosine': 0.5 * (1 + math.cos(math.pi * ratio)), 'linear': 1 - ratio,
              'constant': 1.0}[decay_lr]
     return peak if decay_lr == 'constant' else min_lr + coeff * (peak - min_lr)
-
 
 def get_lr(it):
     """LR at optimizer step it: linear warmup, then the envelope; restart modes drop to 0 at each
@@ -261,7 +236,6 @@ def get_lr(it):
         peak = rewarmed(start + merge_every - 1, start, lambda t: envelope(t, start, peak))
     return rewarmed(it, last, lambda t: envelope(t, last, peak))
 
-
 def rewarmed(it, last, target):
     """target's LR at step it, ramped linearly from 0 over restart_warmup steps after a restart."""
     k = it - last
@@ -269,22 +243,17 @@ def rewarmed(it, last, target):
         return target(it)
     return target(last + restart_warmup) * (k + 1) / (restart_warmup + 1)
 
-
 def boosters_at(it):
     """XGBLoRA: the blocks booster it // booster_steps trains, drawn without replacement."""
     L, draw = raw_model.config.n_layer, random.Random(seed * 100003 + it // booster_steps)
     return set(draw.sample(range(L), booster_blocks or max(1, L // 3)))
 
-
 def reinit_generator(it):
     """The adapter draws of the restart or booster merge at step it, the same on every rank."""
     return torch.Generator(device).manual_seed(seed * 1000003 + it)
 
-
 def save(rng):
-    """Everything resume needs, from the uncompiled model, saved atomically (save_checkpoint).
-    Sharded: every rank gathers (a collective), rank 0 writes the file one process would. Returns
-    None, or the error line of a failed write (disk full), which leaves ckpt.pt as it was."""
+    """ckpt.pt from the uncompiled model (all ranks gather, rank 0 writes): None, or the error."""
     model_sd, optim_sd = fsdp.gather_state(raw_model, optimizer, saved_keys)
     if master:
         return checkpoint.save_checkpoint({
@@ -292,12 +261,6 @@ def save(rng):
             'adapters': adapters.settings(raw_model) if method else None,
             'base_fingerprint': base_fingerprint, 'scaler': scaler.state_dict(), 'rng': rng},
             out_dir)
-
-
-def write_metrics(row):  # metrics.jsonl, and the same rows in wandb with wandb_log
-    if master:
-        checkpoint.append_metrics(out_dir, row, wandb)
-
 
 # -----------------------------------------------------------------------------
 # a Ctrl-C is acted on at the next step boundary: the checkpoint resumes bit-exactly
@@ -309,9 +272,7 @@ if master:  # out_dir, config.json (with the hash of the code that ran), metrics
         f"world {world} | git {sha or '?'}")
     log("config: " + json.dumps({k: v for k, v in config.items() if k != 'model_config'}))
     log(f"trainable params: {n_train:,} / {n_total:,} ({100 * n_train / n_total:.2f}%) | "
-        f"tokens per iter: {tokens_per_iter:,}")
-    if note:
-        log(f"note: {note}")
+        f"tokens per iter: {tokens_per_iter:,}" + (f"\nnote: {note}" if note else ''))
     if method == 'booster':
         log(f"xgblora: {n_train:,} booster params on {len(adapted_weights)} layers, "
             f"~{n_train * len(boosters_at(0)) // raw_model.config.n_layer:,} trained per booster")
@@ -335,8 +296,7 @@ while True:
         rng, error = fsdp.rng_states(device_type), None
         if master or sharded:  # sharded, every rank evals (the forward gathers blocks); rank 0 logs
             # a copy with the adapters folded in, in the autocast dtype; sharded: the model as it is
-            m = raw_model if sharded else inference_model(raw_model,
-                                                          None if dtype == 'float32' else ptdtype)
+            m = raw_model if sharded else inference_model(raw_model, amp)
             val = estimate_loss(m, ds, 'val', batch_size, block_size, eval_iters, device, ctx)
             row = {'iter': iter_num, 'val_loss': val}
             if pairs:
@@ -345,7 +305,8 @@ while True:
             evals = f"val loss {row['val_loss']:.4f}" + (f" | char_acc {100 * row['char_acc']:.1f}%"
                                                         if pairs else '')
             log(f"eval {iter_num} | {evals}")
-            write_metrics(row)
+            if master:  # metrics.jsonl, and the same row in wandb with wandb_log
+                checkpoint.append_metrics(out_dir, row, wandb)
             if iter_num > 0 and not eval_only:  # never replace the last good checkpoint by bad
                 error = save(rng) if math.isfinite(row['val_loss']) else (
                     f"non-finite val loss at iter {iter_num}; not saved, {out_dir}/ckpt.pt keeps "
@@ -423,7 +384,7 @@ while True:
         log(f"iter {iter_num} | loss {loss_val:.4f} | lr {lr:.1e} | {1000 * dt:.1f} ms | "
             f"{row['tok_s'] / 1e3:.1f}k tok/s" + (f" | mfu {100 * row['mfu']:.1f}%" if peak else '')
             + f" | mem {row['mem_mb']:.0f} MB | eta {eta / 60:.1f}m")
-        write_metrics(row)
+        checkpoint.append_metrics(out_dir, row, wandb)
 
 if stop:
     rng = fsdp.rng_states(device_type)
