@@ -1,9 +1,9 @@
 """
 A run's files in out_dir, written by train.py and read back by eval.py, merge.py and sample.py:
-ckpt.pt (written atomically, read with weights_only=True after every record's CRC is checked), the
-fingerprint of the base it was trained on, the check a resume makes of its config, config.json
-(with the hash of the code that ran) and metrics.jsonl, its rows also in Weights & Biases with
-wandb_log.
+ckpt.pt (written atomically, read with weights_only=True after every record's CRC is checked) and
+the model keys it holds, the fingerprint of the base it was trained on, the check a resume makes of
+its config, config.json (with the hash of the code that ran) and metrics.jsonl, its rows also in
+Weights & Biases with wandb_log.
     python -m pytest -q tests/test_checkpoint.py tests/test_errors.py
 """
 import hashlib
@@ -14,7 +14,16 @@ import zipfile
 
 import torch
 
+import adapters
 from data import replace_atomically
+
+# the files whose sha256 config.json records: the code a run ran
+CODE = ('train.py', 'model.py', 'adapters.py', 'kernels.py', 'checkpoint.py', 'eval.py', 'fsdp.py',
+        'configurator.py', 'tokenizer.py', 'data/__init__.py')
+# train.py keys a resume may change; any other difference is refused (out_dir: a moved run resumes)
+MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs',
+              'eval_only', 'resume', 'compile', 'device', 'out_dir', 'note', 'parallel',
+              'wandb_log', 'wandb_project', 'wandb_run_name')
 
 
 def base_fingerprint(state_dict: dict) -> str:
@@ -60,34 +69,43 @@ def load_checkpoint(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def resume_error(out_dir, saved: dict, config: dict, may_change: tuple):
+def resume_error(out_dir, saved: dict, config: dict):
     """Why the run in out_dir (its saved config) cannot resume with config, or None: only the keys
-    in may_change may differ, and max_iters only where lr_decay_iters is set (it sets the decay)."""
+    in MAY_CHANGE may differ, and max_iters only where lr_decay_iters is set (it sets the decay)."""
     changed = {k: (saved.get(k), v) for k, v in config.items()  # model_config: by its shape keys
-               if saved.get(k) != v and k not in (*may_change, 'model_config')}
+               if saved.get(k) != v and k not in (*MAY_CHANGE, 'model_config')}
     if not saved['lr_decay_iters'] and saved['max_iters'] != config['max_iters']:
         changed['max_iters'] = (saved['max_iters'], config['max_iters'])  # every LR would change
     if changed:
         return (f"cannot resume {out_dir} with a changed config: "
                 + ', '.join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-                + f" (a resume may change only {', '.join(may_change)}; max_iters only with"
+                + f" (a resume may change only {', '.join(MAY_CHANGE)}; max_iters only with"
                   f" lr_decay_iters set, else the decay follows it)")
 
 
-def load_for_resume(out_dir, config: dict, may_change: tuple, fingerprint: str) -> dict:
+def load_for_resume(out_dir, config: dict, fingerprint: str) -> dict:
     """out_dir's ckpt.pt if this run may continue it: the same config but for the keys in
-    may_change, the same base (its fingerprint). Raises, with the line to print, where not."""
+    MAY_CHANGE, the same base (its fingerprint). Raises, with the line to print, where not."""
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path} to resume from (drop --resume=True to "
                                 "start a fresh run)")
     ckpt = load_checkpoint(path)
-    if error := resume_error(out_dir, ckpt['config'], config, may_change):
+    if error := resume_error(out_dir, ckpt['config'], config):
         raise ValueError(error)
     if ckpt['base_fingerprint'] != fingerprint:
         raise ValueError(f"{path} was trained on another base than {config['init_from']} (base "
                          "fingerprint differs)")
     return ckpt
+
+
+def saved_keys(model, tensors, everything=False) -> list:
+    """The keys of model.state_dict() a run's ckpt.pt holds: every tensor that can differ from the
+    base (tensors: those trained or moved by merges; or everything), then all adapter tensors and
+    buffers (booster gates)."""
+    ids = {id(p) for p in tensors}
+    keys = [k for k, p in model.state_dict(keep_vars=True).items() if id(p) in ids or everything]
+    return keys + list(adapters.adapter_state_dict(model))
 
 
 def write_config(out_dir, config: dict, code_files) -> str:
@@ -137,14 +155,14 @@ def tracker(wandb_log: bool):
     return wandb
 
 
-def start_run(out_dir, config: dict, code_files, resume: bool, iter_num: int, wandb=None,
-              project='', name='') -> str:
-    """A run's files at its start: out_dir, config.json (write_config), metrics.jsonl
-    (start_metrics) and, with wandb, its wandb run (name '': out_dir's). Returns the git hash."""
+def start_run(out_dir, config: dict, resume: bool, iter_num: int, wandb=None) -> str:
+    """A run's files at its start: out_dir, config.json (write_config of CODE), metrics.jsonl
+    (start_metrics) and, with wandb, its wandb run (config's wandb_project and wandb_run_name, ''
+    naming it after out_dir). Returns the git hash."""
     os.makedirs(out_dir, exist_ok=True)
-    sha = write_config(out_dir, config, code_files)
+    sha = write_config(out_dir, config, CODE)
     start_metrics(out_dir, resume, iter_num)
     if wandb:
-        wandb.init(project=project, name=name or os.path.basename(os.path.abspath(out_dir)),
-                   config=config)
+        name = config['wandb_run_name'] or os.path.basename(os.path.abspath(out_dir))
+        wandb.init(project=config['wandb_project'], name=name, config=config)
     return sha

@@ -9,6 +9,12 @@ def die(msg):  # bad input is the user's to fix: one line, exit 2, no traceback 
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
+def setup(fn, *args, **kwargs):  # fn(*args, **kwargs), a set-up step: its expected failures (missing file, offline) die
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        die(e)
+
 def _checked(key, value, defaults, hints={}):  # value converted to the key's type, or exit 2 naming the key
     if key not in defaults:
         hint = ([k for k in defaults if "".join(w[:1] for w in k.split("_")) == key]  # lr -> learning_rate

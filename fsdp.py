@@ -5,12 +5,14 @@ shard() wraps the model; gather_state() / load_state() turn shards into today's 
 back (torch.distributed.checkpoint.state_dict does the gathering), so a run resumes under any process count;
 merge_() / reinit_() are adapters.merge_ / reinit_ on sharded weights, equal to one process's, reset_state_() the
 optimizer's restart. On an unsharded model each of them is the plain single-process call, so train.py makes the
-same calls in every mode. The rest of the distributed set-up is here too: the process group, DDP wrapping,
-gradient sync, one stop decision, RNG states, errors on all ranks, leaving together.
+same calls in every mode; resume_() loads a checkpoint through load_state(). The rest of the distributed set-up is
+here too: the process group (with the device and parallel checks), DDP wrapping, gradient sync, one stop decision,
+RNG states, errors on all ranks, leaving together.
     torchrun --standalone --nproc_per_node=8 train.py config/alpaca_lora.py --parallel=fsdp
     python -m pytest -q tests/test_fsdp.py
 """
 import os
+import re
 import sys
 
 import torch
@@ -26,15 +28,28 @@ import adapters
 from configurator import die
 
 
-def init(device: str):
-    """Under torchrun: join the process group (nccl on GPUs, gloo on CPUs); with device auto or cuda
-    each rank takes the GPU of its LOCAL_RANK. Returns (rank, world, device)."""
-    backend = 'nccl' if torch.cuda.is_available() and device != 'cpu' else 'gloo'
-    dist.init_process_group(backend=backend)
-    if device in ('auto', 'cuda') and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
+def init(device: str, parallel: str):
+    """train.py's processes. Under torchrun (RANK set): join the process group (nccl on GPUs, gloo
+    on CPUs); with device auto or cuda each rank takes the GPU of its LOCAL_RANK. Then auto is cuda
+    where torch sees a GPU, else cpu. A device or parallel key that cannot run dies. Returns
+    (torchrun, rank, world, device)."""
+    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', device):
+        die(f"device={device!r} is not one of auto | cpu | cuda | cuda:<index>")
+    if 'cuda' in device and not torch.cuda.is_available():
+        die(f"device={device!r} but torch {torch.__version__} sees no CUDA GPU (use --device=cpu)")
+    torchrun = int(os.environ.get('RANK', -1)) != -1
+    if parallel == 'fsdp' and not torchrun:
+        die("parallel='fsdp' shards the model over torchrun's processes: "
+            "torchrun --nproc_per_node=N train.py ...")
+    if torchrun:
+        backend = 'nccl' if torch.cuda.is_available() and device != 'cpu' else 'gloo'
+        dist.init_process_group(backend=backend)
+        if device in ('auto', 'cuda') and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if torchrun else (0, 1)
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    return torchrun, rank, world, device
 
 
 def wrap(model, compile: bool, ddp: bool, device_type: str):
@@ -103,20 +118,6 @@ def rng_states(device_type: str) -> list:
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
     return states
-
-
-def set_rng_state(states: list, device_type: str, seed: int) -> bool:
-    """Continue this rank's RNG streams from rng_states()' list if as many processes saved it, else
-    start fresh ones from seed (another process count). Returns whether they continue."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if len(states) != world:
-        torch.manual_seed(seed)
-        return False
-    state = states[rank]
-    torch.set_rng_state(state['torch'])
-    if device_type == 'cuda' and state['cuda'] is not None:  # CPU runs: no cuda
-        torch.cuda.set_rng_state(state['cuda'])
-    return True
 
 
 def shard(model, device_type, param_dtype=None, compile=False):
@@ -190,6 +191,27 @@ def load_state(model, optimizer, model_sd, optim_sd):
     for i, p in enumerate(params):
         if i not in optim_sd['state']:
             optimizer.state.pop(p, None)
+
+
+def resume_(model, optimizer, scaler, ckpt: dict, device_type: str, seed: int) -> int:
+    """Continue ckpt's run, saved by any process count: its tensors and optimizer state
+    (load_state), its GradScaler state and this rank's RNG streams as rng_states() saved them;
+    saved by another process count, fresh ones from seed + 1000003·iter_num (said on rank 0).
+    Returns iter_num."""
+    load_state(model, optimizer, ckpt['model'], ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    states, iter_num = ckpt['rng'], ckpt['iter_num']
+    if len(states) != world:
+        torch.manual_seed(seed + 1000003 * iter_num)
+        if rank == 0:
+            print(f"resume: saved by {len(states)} processes, now {world}: dropout re-seeded",
+                  flush=True)
+    else:
+        torch.set_rng_state(states[rank]['torch'])
+        if device_type == 'cuda' and states[rank]['cuda'] is not None:  # CPU runs: no cuda
+            torch.cuda.set_rng_state(states[rank]['cuda'])
+    return iter_num
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import os
 import re
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -383,6 +383,17 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     return total / (targets != -100).sum()
 
 
+def scratch_config(keys: dict, n_vocab: int, bos_id=None, eos_id=None) -> dict:
+    """asdict(ModelConfig) of a fresh model from a run's shape keys, the vocab padded to a multiple of 64 for
+    faster matmuls (as nanoGPT does); heads that do not divide the width are a ValueError."""
+    n_head, n_kv_head, n_embd = keys['n_head'], keys['n_kv_head'], keys['n_embd']
+    if n_head % n_kv_head or n_embd % n_head:
+        raise ValueError(f"n_head={n_head} must be a multiple of n_kv_head={n_kv_head}, and n_embd={n_embd} of n_head")
+    shape = ('block_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size', 'rope_theta')
+    return asdict(ModelConfig(vocab_size=(n_vocab + 63) // 64 * 64, bos_token_id=bos_id, eos_token_id=eos_id,
+                              **{k: keys[k] for k in shape}))
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     """Map an HF LlamaConfig/MistralConfig dict to ModelConfig; refuse what this model cannot represent."""
     def refuse(key, why):
@@ -445,6 +456,33 @@ def peak_flops(device):
     """The dense bf16 peak FLOP/s of a CUDA device, from PEAK_FLOPS by its name; None if not listed."""
     words = set(re.split(r'[\s-]+', torch.cuda.get_device_name(device)))
     return next((v for k, v in PEAK_FLOPS.items() if set(k.split()) <= words), None)
+
+
+def bf16_native(device_type: str) -> bool:
+    """Whether matmuls run natively in bf16 here: a CUDA GPU that supports it, a CPU with AVX-512
+    BF16 or AMX."""
+    if device_type == 'cuda':
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_dtypes(dtype: str, base_dtype: str, device_type: str, trains_base: str, merges: bool):
+    """(autocast dtype, frozen-base dtype) of a run, 'auto' resolved: autocast bf16 where matmuls
+    run natively in it (bf16_native), else fp32; the base in bf16 only where all its weights stay
+    frozen (trains_base: what trains them, '' if nothing), and on a CPU only under bf16 autocast with
+    nothing merged into it (merges: restarts, boosters; their merges stay fp32). A half base that
+    something trains (trains_base) is a ValueError."""
+    if dtype == 'auto':
+        dtype = 'bfloat16' if bf16_native(device_type) else 'float32'
+    if base_dtype == 'auto':
+        half = not trains_base and (bf16_native(device_type) if device_type == 'cuda' else
+                                    dtype == 'bfloat16' and not merges)
+        base_dtype = 'bfloat16' if half else 'float32'
+    if base_dtype != 'float32' and trains_base:
+        raise ValueError(f"base_dtype={base_dtype!r} stores the frozen base in half precision, but "
+                         f"{trains_base} trains the base weights, which keep fp32 master weights: use "
+                         "base_dtype='float32' (or 'auto'; dtype= sets the autocast precision)")
+    return dtype, base_dtype
 
 
 def peak_bytes(device) -> int:

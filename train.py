@@ -7,28 +7,16 @@ $ torchrun --standalone --nproc_per_node=2 train.py config/pretrain_remora.py   
 $ torchrun --standalone --nproc_per_node=8 train.py config/alpaca_lora.py --parallel=fsdp  # FSDP2
 $ python train.py --help                                      # every key with its comment
 """
-import functools
-import json
-import math
-import os
-import random
-import re
-import signal
-import sys
-import threading
-import time
+import functools, json, math, os, random, signal, sys, threading, time
 from contextlib import nullcontext
-from dataclasses import asdict
 
 import torch
 
-import adapters
-import checkpoint
-import fsdp
-from configurator import configure, die
+import adapters, checkpoint, fsdp
+from configurator import configure, die, setup
 from data import Dataset
 from eval import build_model, char_accuracy, estimate_loss, inference_model, memory_pairs
-from model import ModelConfig, RMSNorm, peak_bytes, peak_flops
+from model import RMSNorm, peak_bytes, peak_flops, resolve_dtypes, scratch_config
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -101,31 +89,17 @@ seed = 1337  # model init, adapters, dropout, data order
 parallel = 'ddp'  # under torchrun: 'ddp' replicates the model, 'fsdp' shards weights, grads, state
 # -----------------------------------------------------------------------------
 # checked before anything is built: string keys take one of their choices, numbers >= 0 (sizes >= 1)
-MODES = ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora')
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
-CHOICES = {'mode': MODES, 'mora_kind': ('auto', *adapters.KINDS),
-           'remora_cycle': tuple(adapters.CYCLES), 'optimizer_reset': ('clear', 'prune'),
-           'lr_envelope': ('jagged', 'rewarm'), 'decay_lr': ('cosine', 'linear', 'constant'),
-           'dtype': DTYPES, 'parallel': ('ddp', 'fsdp'), 'base_dtype': DTYPES}
+CHOICES = {'mode': ('full', 'lora', 'mora', 'relora', 'remora', 'xgblora'),
+           'mora_kind': ('auto', *adapters.KINDS), 'remora_cycle': tuple(adapters.CYCLES),
+           'optimizer_reset': ('clear', 'prune'), 'lr_envelope': ('jagged', 'rewarm'),
+           'decay_lr': ('cosine', 'linear', 'constant'), 'dtype': DTYPES, 'base_dtype': DTYPES,
+           'parallel': ('ddp', 'fsdp')}
 POSITIVE = ('r', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
             'log_interval', 'eval_iters', 'booster_steps', 'n_layer', 'n_head', 'n_kv_head',
             'n_embd', 'intermediate_size')
 config = configure(globals(), sys.argv[1:], __file__, choices=CHOICES,
                    minimum={**dict.fromkeys(POSITIVE, 1), 'char_acc_pairs': -1})
-CODE = ('train.py', 'model.py', 'adapters.py', 'kernels.py', 'checkpoint.py', 'eval.py',
-        'fsdp.py', 'configurator.py', 'tokenizer.py', 'data/__init__.py')
-# keys a resumed run may change; any other difference is refused (out_dir: a moved run dir resumes)
-MAY_CHANGE = ('max_iters', 'eval_interval', 'log_interval', 'eval_iters', 'char_acc_pairs',
-              'eval_only', 'resume', 'compile', 'device', 'out_dir', 'note', 'parallel',
-              'wandb_log', 'wandb_project', 'wandb_run_name')
-
-
-def setup(fn, *args, **kwargs):  # a setup step: expected failures (missing file, offline) -> die
-    try:
-        return fn(*args, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
-        die(e)
-
 
 restarts = mode in ('relora', 'remora')
 prune = optimizer_reset == 'prune'  # at each restart or booster merge (fsdp.reset_state_)
@@ -139,53 +113,26 @@ cycle = adapters.CYCLES[remora_cycle]  # ReMoRA's kinds, one per restart period
 if mode == 'remora' and mora_kind not in ('auto', *cycle):
     die(f"remora's {remora_cycle!r} cycle switches between {' | '.join(cycle)}; "
         f"mora_kind={mora_kind!r} is not one of them")
-if init_from == 'scratch' and (n_head % n_kv_head or n_embd % n_head):
-    die(f"n_head={n_head} must be a multiple of n_kv_head={n_kv_head}, and n_embd={n_embd} of "
-        "n_head")
-if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', device):
-    die(f"device={device!r} is not one of auto | cpu | cuda | cuda:<index>")
-if 'cuda' in device and not torch.cuda.is_available():
-    die(f"device={device!r} but torch {torch.__version__} sees no CUDA GPU (use --device=cpu)")
 
-# derived settings (after overrides)
-ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun (parallel: how ranks share it)
-if parallel == 'fsdp' and not ddp:
-    die("parallel='fsdp' shards the model over torchrun's processes: torchrun --nproc_per_node=N "
-        "train.py ...")
-sharded = ddp and parallel == 'fsdp'
-rank, world, device = fsdp.init(device) if ddp else (0, 1, device)
-master = rank == 0
-device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+# derived settings (after overrides); ddp: launched by torchrun (parallel: how its ranks share it)
+ddp, rank, world, device = fsdp.init(device, parallel)  # the process group; device auto resolved
+sharded, master = ddp and parallel == 'fsdp', rank == 0
 device_type = 'cuda' if 'cuda' in device else 'cpu'
-if dtype == 'auto':  # bf16 where matmuls run natively in bf16: CUDA, CPUs with AVX-512 BF16 or AMX
-    bf16 = (torch.cuda.is_bf16_supported() if device_type == 'cuda' else
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    dtype = 'bfloat16' if bf16 else 'float32'
-config['dtype'] = dtype  # resolved: eval.py evaluates the run in it, a resume keeps it
+# autocast and base precision, auto resolved (model.resolve_dtypes); eval.py and a resume keep them
+trains_base = "mode='full'" if mode == 'full' else f"warm_start={warm_start}" if warm_start else ''
+dtype, base_dtype = setup(resolve_dtypes, dtype, base_dtype, device_type, trains_base,
+                          merges=mode not in ('lora', 'mora'))
+config['dtype'], config['base_dtype'] = dtype, base_dtype
 compile = device_type == 'cuda' if compile is None else compile
-if base_dtype == 'auto':  # half only where all base weights stay frozen (full, warm_start train);
-    # on a CPU only where nothing merges into it either (restarts, boosters): their merges stay fp32
-    half_ok = mode != 'full' and not warm_start and (
-        torch.cuda.is_bf16_supported() if device_type == 'cuda' else
-        dtype == 'bfloat16' and mode in ('lora', 'mora'))
-    base_dtype = 'bfloat16' if half_ok else 'float32'
-if base_dtype != 'float32' and (mode == 'full' or warm_start):
-    die(f"base_dtype={base_dtype!r} stores the frozen base in half precision, but "
-        + ("mode='full'" if mode == 'full' else f"warm_start={warm_start}") + " trains the base "
-        "weights, which keep fp32 master weights: use base_dtype='float32' (or 'auto'; dtype= sets "
-        "the autocast precision)")
-config['base_dtype'] = base_dtype  # resolved: the base is built, fingerprinted, resumed in it
 if gradient_accumulation_steps % world:
     die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
         f"process count {world}")
 grad_accum = gradient_accumulation_steps // world
-lr_decay_iters = lr_decay_iters or max_iters
-min_lr = min_lr or learning_rate / 10
+lr_decay_iters, min_lr = lr_decay_iters or max_iters, min_lr or learning_rate / 10
 torch.manual_seed(seed)  # the model and adapters: the same on every rank
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+amp = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]  # autocast's
+ctx = nullcontext() if amp is None else torch.autocast(device_type, dtype=amp)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # fp16 grads underflow
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)  # flushed, for tee
@@ -195,18 +142,11 @@ log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
 ds = setup(Dataset, os.path.join('data', dataset))
 tok = setup(load_tokenizer, tokenizer or ('byte' if init_from == 'scratch' else init_from))
 config['tokenizer'] = tok.spec
-if init_from == 'scratch':
-    # pad the vocab to a multiple of 64 for faster matmuls, as nanoGPT does
-    config['model_config'] = asdict(ModelConfig(
-        vocab_size=(tok.n_vocab + 63) // 64 * 64, block_size=block_size, n_layer=n_layer,
-        n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size,
-        rope_theta=rope_theta, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
+if init_from == 'scratch':  # the shape keys above (model.scratch_config: the vocab padded to 64s)
+    config['model_config'] = setup(scratch_config, config, tok.n_vocab, tok.bos_id, tok.eos_id)
 model = setup(build_model, config, 'cpu' if sharded else device)  # sharded: ranks move their shards
 model.grad_checkpoint, model.loss_chunk = grad_checkpoint, loss_chunk  # read by forward in training
-if tok.n_vocab > model.config.vocab_size:
-    die(f"tokenizer {tok.spec!r} has {tok.n_vocab} tokens > model vocab_size "
-        f"{model.config.vocab_size} (tokenizer='': the base's)")
-setup(ds.check, model.config.vocab_size, block_size, tok.spec)
+setup(ds.check, model.config.vocab_size, block_size, tok.spec, tok.n_vocab)  # data, tokenizer fit
 if mode == 'xgblora' and booster_blocks > model.config.n_layer:
     die(f"booster_blocks={booster_blocks} must be 0 (n_layer // 3) or 1..{model.config.n_layer} "
         "(the model's n_layer)")
@@ -219,8 +159,7 @@ adapter_params = setup(adapters.attach, model, method, targets, r=r, kind=kind, 
                        alpha=booster_scale if method == 'booster' else alpha) if method else []
 adapted = [m for m in model.modules() if getattr(m, 'adapter', None) is not None]  # their Linears
 if sharded:  # from here on the parameters are this rank's shards (DTensors): collect them again
-    mixed = ptdtype if device_type == 'cuda' and dtype != 'float32' else None
-    fsdp.shard(model, device_type, mixed, compile)
+    fsdp.shard(model, device_type, amp if device_type == 'cuda' else None, compile)
     adapter_params = [p for m in adapted for p in m.adapter.parameters()]
 # in adapter modes, pretraining from scratch also trains embeddings, norms and head at full rank
 norms = [p for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()]
@@ -239,7 +178,6 @@ adapted_weights = [m.weight for m in adapted]
 trainable = [p for p in model.parameters() if p.requires_grad]
 trainable += adapted_weights if warm_start else []
 
-
 def hand_over(full_rank):
     """warm_start: the adapted weights train at full rank (full_rank=True), then the adapters do."""
     for p in adapted_weights:
@@ -250,33 +188,22 @@ def hand_over(full_rank):
         p.requires_grad_(not full_rank)
 n_train = sum(p.numel() for p in dict.fromkeys(trainable))
 n_total = sum(p.numel() for p in model.parameters())
-
-# what a checkpoint must hold: every tensor that can differ from the base
-moves_base = mode in ('relora', 'remora', 'xgblora') or warm_start > 0
-saved = {id(p) for p in trainable} | ({id(p) for p in adapted_weights} if moves_base else set())
-saved_keys = [k for k, p in model.state_dict(keep_vars=True).items()
-              if id(p) in saved or mode == 'full']
-saved_keys += list(adapters.adapter_state_dict(model))  # adapter tensors and buffers (gates)
-
+# what a checkpoint must hold: every tensor that can differ from the base (merges move the weights)
+moved = adapted_weights if mode in ('relora', 'remora', 'xgblora') or warm_start else []
+saved_keys = checkpoint.saved_keys(model, trainable + moved, everything=mode == 'full')
 decay = [p for p in dict.fromkeys(trainable) if p.dim() >= 2]
 no_decay = [p for p in dict.fromkeys(trainable) if p.dim() < 2]
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
                                {'params': no_decay, 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
-
 torch.manual_seed(seed + rank)  # dropout: each rank its own stream
 iter_num = 0
-if resume:
-    ckpt = setup(checkpoint.load_for_resume, out_dir, config, MAY_CHANGE, base_fingerprint)
+if resume:  # where ckpt.pt stopped, saved by any process count; each rank its own dropout stream
+    ckpt = setup(checkpoint.load_for_resume, out_dir, config, base_fingerprint)
     if mode == 'remora':  # a ReMoRA run's current kind comes from the checkpoint, never the config
         kind = next(iter(ckpt['adapters'].values()))['kind']
         adapters.switch_kind_(model, kind)
-    fsdp.load_state(model, optimizer, ckpt['model'], ckpt['optimizer'])  # by any process count
-    scaler.load_state_dict(ckpt['scaler'])
-    iter_num = ckpt['iter_num']
-    # every rank continues its own dropout stream; saved by another process count, fresh ones
-    if not fsdp.set_rng_state(ckpt['rng'], device_type, seed + rank + 1000003 * iter_num):
-        log(f"resume: saved by {len(ckpt['rng'])} processes, now {world}: dropout re-seeded")
+    iter_num = fsdp.resume_(model, optimizer, scaler, ckpt, device_type, seed + rank)
     del ckpt
 if warm_start:
     hand_over(full_rank=iter_num < warm_start)
@@ -284,14 +211,12 @@ if warm_start:
 raw_model = model  # uncompiled handle for saving, eval and merges (no _orig_mod. keys)
 model = fsdp.wrap(raw_model, compile, ddp, device_type)  # compiled, DDP (sharded: as it is)
 
-
 def envelope(it, start, peak):
     """Decay from peak at step start to min_lr at lr_decay_iters (cosine, linear or constant)."""
     ratio = min(1.0, (it - start) / max(lr_decay_iters - start, 1))
     coeff = {'cosine': 0.5 * (1 + math.cos(math.pi * ratio)), 'linear': 1 - ratio,
              'constant': 1.0}[decay_lr]
     return peak if decay_lr == 'constant' else min_lr + coeff * (peak - min_lr)
-
 
 def get_lr(it):
     """LR at optimizer step it: linear warmup, then the envelope; restart modes drop to 0 at each
@@ -311,7 +236,6 @@ def get_lr(it):
         peak = rewarmed(start + merge_every - 1, start, lambda t: envelope(t, start, peak))
     return rewarmed(it, last, lambda t: envelope(t, last, peak))
 
-
 def rewarmed(it, last, target):
     """target's LR at step it, ramped linearly from 0 over restart_warmup steps after a restart."""
     k = it - last
@@ -319,22 +243,17 @@ def rewarmed(it, last, target):
         return target(it)
     return target(last + restart_warmup) * (k + 1) / (restart_warmup + 1)
 
-
 def boosters_at(it):
     """XGBLoRA: the blocks booster it // booster_steps trains, drawn without replacement."""
     L, draw = raw_model.config.n_layer, random.Random(seed * 100003 + it // booster_steps)
     return set(draw.sample(range(L), booster_blocks or max(1, L // 3)))
 
-
 def reinit_generator(it):
     """The adapter draws of the restart or booster merge at step it, the same on every rank."""
     return torch.Generator(device).manual_seed(seed * 1000003 + it)
 
-
 def save(rng):
-    """Everything resume needs, from the uncompiled model, saved atomically (save_checkpoint).
-    Sharded: every rank gathers (a collective), rank 0 writes the file one process would. Returns
-    None, or the error line of a failed write (disk full), which leaves ckpt.pt as it was."""
+    """ckpt.pt from the uncompiled model (all ranks gather, rank 0 writes): None, or the error."""
     model_sd, optim_sd = fsdp.gather_state(raw_model, optimizer, saved_keys)
     if master:
         return checkpoint.save_checkpoint({
@@ -343,27 +262,17 @@ def save(rng):
             'base_fingerprint': base_fingerprint, 'scaler': scaler.state_dict(), 'rng': rng},
             out_dir)
 
-
-def write_metrics(row):  # metrics.jsonl, and the same rows in wandb with wandb_log
-    if master:
-        checkpoint.append_metrics(out_dir, row, wandb)
-
-
 # -----------------------------------------------------------------------------
 # a Ctrl-C is acted on at the next step boundary: the checkpoint resumes bit-exactly
 stop_requested = threading.Event()
 signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.set())
-if master:
-    # out_dir, config.json (with the hash of the code that ran), metrics.jsonl, the wandb run
-    sha = checkpoint.start_run(out_dir, config, CODE, resume, iter_num, wandb, wandb_project,
-                               wandb_run_name)
+if master:  # out_dir, config.json (with the hash of the code that ran), metrics.jsonl, wandb run
+    sha = checkpoint.start_run(out_dir, config, resume, iter_num, wandb)
     log(f"torch {torch.__version__} | device {device} | dtype {dtype} | compile {compile} | "
         f"world {world} | git {sha or '?'}")
     log("config: " + json.dumps({k: v for k, v in config.items() if k != 'model_config'}))
     log(f"trainable params: {n_train:,} / {n_total:,} ({100 * n_train / n_total:.2f}%) | "
-        f"tokens per iter: {tokens_per_iter:,}")
-    if note:
-        log(f"note: {note}")
+        f"tokens per iter: {tokens_per_iter:,}" + (f"\nnote: {note}" if note else ''))
     if method == 'booster':
         log(f"xgblora: {n_train:,} booster params on {len(adapted_weights)} layers, "
             f"~{n_train * len(boosters_at(0)) // raw_model.config.n_layer:,} trained per booster")
@@ -387,8 +296,7 @@ while True:
         rng, error = fsdp.rng_states(device_type), None
         if master or sharded:  # sharded, every rank evals (the forward gathers blocks); rank 0 logs
             # a copy with the adapters folded in, in the autocast dtype; sharded: the model as it is
-            m = raw_model if sharded else inference_model(raw_model,
-                                                          None if dtype == 'float32' else ptdtype)
+            m = raw_model if sharded else inference_model(raw_model, amp)
             val = estimate_loss(m, ds, 'val', batch_size, block_size, eval_iters, device, ctx)
             row = {'iter': iter_num, 'val_loss': val}
             if pairs:
@@ -397,7 +305,8 @@ while True:
             evals = f"val loss {row['val_loss']:.4f}" + (f" | char_acc {100 * row['char_acc']:.1f}%"
                                                         if pairs else '')
             log(f"eval {iter_num} | {evals}")
-            write_metrics(row)
+            if master:  # metrics.jsonl, and the same row in wandb with wandb_log
+                checkpoint.append_metrics(out_dir, row, wandb)
             if iter_num > 0 and not eval_only:  # never replace the last good checkpoint by bad
                 error = save(rng) if math.isfinite(row['val_loss']) else (
                     f"non-finite val loss at iter {iter_num}; not saved, {out_dir}/ckpt.pt keeps "
@@ -475,7 +384,7 @@ while True:
         log(f"iter {iter_num} | loss {loss_val:.4f} | lr {lr:.1e} | {1000 * dt:.1f} ms | "
             f"{row['tok_s'] / 1e3:.1f}k tok/s" + (f" | mfu {100 * row['mfu']:.1f}%" if peak else '')
             + f" | mem {row['mem_mb']:.0f} MB | eta {eta / 60:.1f}m")
-        write_metrics(row)
+        checkpoint.append_metrics(out_dir, row, wandb)
 
 if stop:
     rng = fsdp.rng_states(device_type)

@@ -182,8 +182,12 @@ class Dataset:
             info["max_token"] = int(self.data[split].max())
         return info["max_token"]
 
-    def check(self, vocab_size: int, block_size: int, tokenizer_spec: str | None = None):
-        """Raise ValueError unless this data fits a model with vocab_size and block_size and the run's tokenizer."""
+    def check(self, vocab_size: int, block_size: int, tokenizer_spec: str | None = None, n_vocab: int | None = None):
+        """Raise ValueError unless this data fits a model with vocab_size and block_size and the run's tokenizer (and
+        that tokenizer's n_vocab tokens fit the model too)."""
+        if n_vocab is not None and n_vocab > vocab_size:
+            raise ValueError(f"tokenizer {tokenizer_spec!r} has {n_vocab} tokens > model vocab_size {vocab_size} "
+                             "(tokenizer='': the base's)")
         if tokenizer_spec is not None and not _same_spec(tokenizer_spec, self.tokenizer):
             raise ValueError(f"dataset {self.path} was tokenized with {self.tokenizer!r} but the run uses "
                              f"{tokenizer_spec!r}; re-run its prepare.py with --tokenizer={tokenizer_spec}")
