@@ -7,12 +7,22 @@ $ torchrun --standalone --nproc_per_node=2 train.py config/pretrain_remora.py   
 $ torchrun --standalone --nproc_per_node=8 train.py config/alpaca_lora.py --parallel=fsdp  # FSDP2
 $ python train.py --help                                      # every key with its comment
 """
-import functools, json, math, os, random, signal, sys, threading, time
+import functools
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
 from contextlib import nullcontext
 
 import torch
 
-import adapters, checkpoint, fsdp
+import adapters
+import checkpoint
+import fsdp
 from configurator import configure, die, setup
 from data import Dataset
 from eval import build_model, char_accuracy, estimate_loss, inference_model, memory_pairs
