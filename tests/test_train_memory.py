@@ -129,7 +129,9 @@ def test_dtype_auto_follows_the_cpu_and_eval_py_evaluates_in_it(bf16_cpu, stream
     assert f"val loss {logged:.4f}" in capsys.readouterr().out
     fp32 = evaluate.inference_model(evaluate.load_run(out)[0], torch.float32)  # every matmul weight in fp32
     fp32 = evaluate.estimate_loss(fp32, Dataset(stream_ds), 'val', 4, 32, 2, 'cpu')
-    assert (f"{fp32:.4f}" != f"{logged:.4f}") == bf16_cpu  # bf16 numbers are not fp32's: the check can tell
+    # bf16 numbers are not fp32's, so the check can tell: compared unrounded (on an AVX2-only CPU, whose
+    # bf16 matmuls are emulated, this run's bf16 and fp32 losses agree to 4 decimals: 4.75603 vs 4.75599)
+    assert (abs(fp32 - logged) > 1e-6) == bf16_cpu
 
 
 def test_base_dtype_cannot_change_on_resume(stream_ds, tmp_path, capsys):
